@@ -1,0 +1,367 @@
+"""Attention for million-token sequences: blocks with log-sum-exp, chunked, and ring attention.
+
+At 1M-4M tokens attention is ~98% of the work and its inputs are the only thing that does not
+fit on one GPU. Everything here is built from one idea: softmax attention over a set of keys
+can be computed block by block, if each block also returns the log-sum-exp (lse) of its scores.
+Two partial results over disjoint key sets merge exactly:
+
+    lse = log(exp(lse1) + exp(lse2)),   out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)
+
+and the backward pass of a block only needs the FINAL out and lse of its query rows
+(FlashAttention's trick): dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse).
+
+Read top to bottom:
+  1. reference_attention         the short pure-PyTorch definition the tests compare against
+  2. attention_block_forward/backward   one (query block, key block) pair: fused kernel or math
+  3. merge_partial_attention     the numerically stable merge
+  4. chunked_attention           one device: tiles of block_size x block_size, causal tiles skipped
+  5. ring_attention              context parallel: KV blocks travel around a ring of ranks
+  6. zigzag_shard / zigzag_unshard   the load-balanced sequence split that ring attention expects
+
+Public functions take (batch, seq, heads, head_dim) tensors, with k/v keeping their fewer heads
+(GQA: 8 KV heads for 32 query heads in Llama 3.1 8B). Inside, the same memory is viewed
+head-major, (batch, heads, seq, head_dim), which is what the fused kernels take; that is a
+transpose of strides, never a copy. KV heads are never repeated before communication.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+aten = torch.ops.aten
+
+# Keys (and queries) per tile. One tile for anything up to this length, so short sequences cost
+# one fused kernel call; above it, memory is O(T x block) instead of O(T^2).
+DEFAULT_BLOCK_SIZE = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The definition
+# ---------------------------------------------------------------------------------------------
+
+def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
+    """Plain softmax attention, materialising every score. For tests and tiny inputs only.
+
+    q (B, Tq, H, D), k/v (B, Tk, KV, D), doc_ids (B, Tk) or None.
+    Causal means the queries are the LAST Tq positions of the keys (bottom-right aligned):
+    query i sees key j iff j <= i + (Tk - Tq). Returns out (B, Tq, H, D) in q's dtype and
+    lse (B, H, Tq) in fp32 (-inf for a query that sees no key).
+    """
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // KV, dim=2)  # a copy per query head: fine for a reference
+    v = v.repeat_interleave(H // KV, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Tq, Tk)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(diagonal=Tk - Tq)
+    visible = visible.expand(B, 1, Tq, Tk)
+    if doc_ids is not None:
+        same_doc = doc_ids[:, -Tq:, None] == doc_ids[:, None, :]  # (B, Tq, Tk)
+        visible = visible & same_doc[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(dim=-1)  # (B, H, Tq)
+    probs = torch.exp(scores - _finite_or_zero(lse)[..., None])  # a row with no key: all zeros
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    return out.to(q.dtype), lse
+
+
+def _finite_or_zero(lse):
+    """lse with -inf replaced by 0, so that exp(-inf - lse) is 0 rather than NaN."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One block: queries (B, H, Tq, D) against keys/values (B, KV, Tk, D), head-major
+# ---------------------------------------------------------------------------------------------
+# `causal` here is only ever used for square diagonal blocks (Tq == Tk, same positions), where
+# the top-left aligned mask of PyTorch's kernels and the bottom-right one agree.
+# `mask` is an optional (B, Tq, Tk) bool tensor (the document mask): True = may attend.
+# Every function guarantees: a query row that sees no key gets out = 0 and lse = -inf.
+
+def attention_block_forward(q, k, v, scale, causal=False, mask=None):
+    """(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32) for one block pair.
+
+    Uses the fastest kernel PyTorch has for the device; masked blocks and other devices use the
+    math path, which is exact and handles rows that see no key.
+    """
+    if mask is None and q.device.type == "cpu":
+        # The CPU flash kernel takes GQA key/value heads as they are.
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    if mask is None and q.device.type == "cuda":
+        return _cuda_block_forward(q, k, v, scale, causal)
+    return _math_block_forward(q, k, v, scale, causal, mask)
+
+
+def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=None):
+    """(dq, dk, dv) of one block pair, given the FINAL out and lse of its query rows.
+
+    Because out and lse are the merged results over all key blocks, the gradients of separate
+    blocks simply add up: this is what makes chunked and ring backward passes exact.
+    dk/dv come back with KV heads.
+    """
+    if mask is None and q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    if mask is None and q.device.type == "cuda":
+        return _cuda_block_backward(dout, q, k, v, out, lse, scale, causal)
+    return _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask)
+
+
+def _math_block_scores(q, k, scale, causal, mask):
+    """Masked scores (B, KV, G, Tq, Tk) in fp32, grouping the G query heads of each KV head."""
+    B, H, Tq, D = q.shape
+    KV, Tk = k.shape[1], k.shape[2]
+    q_grouped = q.float().unflatten(1, (KV, H // KV))  # (B, KV, G, Tq, D)
+    scores = q_grouped @ k.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, KV, G, Tq, Tk)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(diagonal=Tk - Tq)
+    if mask is not None:
+        visible = visible & mask[:, None, None]  # (B, 1, 1, Tq, Tk)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def _math_block_forward(q, k, v, scale, causal, mask):
+    scores = _math_block_scores(q, k, scale, causal, mask)
+    lse = scores.logsumexp(dim=-1)  # (B, KV, G, Tq), -inf where a row sees nothing
+    probs = torch.exp(scores - _finite_or_zero(lse)[..., None])
+    out = probs @ v.float().unsqueeze(2)  # (B, KV, G, Tq, D)
+    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
+
+
+def _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    KV = k.shape[1]
+    scores = _math_block_scores(q, k, scale, causal, mask)
+    lse = _finite_or_zero(lse.float().unflatten(1, (KV, -1)))  # (B, KV, G, Tq)
+    probs = torch.exp(scores - lse[..., None])  # (B, KV, G, Tq, Tk), softmax of the FULL row
+    dout = dout.float().unflatten(1, (KV, -1))  # (B, KV, G, Tq, D)
+    out = out.float().unflatten(1, (KV, -1))
+    dv = (probs.transpose(-1, -2) @ dout).sum(dim=2)  # (B, KV, Tk, D)
+    dprobs = dout @ v.float().unsqueeze(2).transpose(-1, -2)  # (B, KV, G, Tq, Tk)
+    row_dot = (dout * out).sum(dim=-1, keepdim=True)  # (B, KV, G, Tq, 1)
+    dscores = probs * (dprobs - row_dot) * scale
+    dq = dscores @ k.float().unsqueeze(2)  # (B, KV, G, Tq, D)
+    dk = (dscores.transpose(-1, -2) @ q.float().unflatten(1, (KV, -1))).sum(dim=2)
+    return dq.flatten(1, 2), dk, dv
+
+
+# CUDA: PyTorch's FlashAttention-2 kernel for fp16/bf16, its memory-efficient kernel otherwise.
+# Both are called with equal head counts: the KV heads of ONE block are repeated locally (a
+# block-sized copy, after any communication), and the repeated gradients are summed back.
+# This path could not be run on this project's CPU-only machines; it follows the calls that
+# PyTorch's own context-parallel code makes (torch.distributed.tensor.experimental).
+
+def _cuda_uses_flash(q):
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def _repeat_kv_heads(x, n_heads):
+    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def _sum_kv_heads(grad, n_kv_heads):
+    return grad.unflatten(1, (n_kv_heads, -1)).sum(dim=2)
+
+
+def _cuda_block_forward(q, k, v, scale, causal):
+    H, Tq = q.shape[1], q.shape[2]
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    if _cuda_uses_flash(q):
+        out, lse = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
+
+
+def _cuda_block_backward(dout, q, k, v, out, lse, scale, causal):
+    H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    # No dropout, so the random-number state the kernels take is never read.
+    no_rng = torch.empty((), dtype=torch.long)
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    if _cuda_uses_flash(q):
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
+            scale=scale)
+    else:
+        padded_rows = -Tq % 32
+        lse = torch.nn.functional.pad(lse, (0, padded_rows))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
+            causal, scale=scale)
+    return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The merge
+# ---------------------------------------------------------------------------------------------
+
+def merge_partial_attention(out, lse, block_out, block_lse):
+    """Merge one block's result into the running result, IN PLACE.
+
+    out (B, H, T, D) fp32 and lse (B, H, T) fp32 hold attention over the keys seen so far;
+    block_out/block_lse the same over another, disjoint set of keys. A row that has seen no key
+    has lse = -inf and out = 0. Written so that -inf on either side (or both) never produces a
+    NaN: subtracting -inf from -inf is exactly the bug public ring-attention code hit.
+    """
+    merged_lse = torch.logaddexp(lse, block_lse)  # logaddexp(-inf, -inf) = -inf, no NaN
+    reference = _finite_or_zero(merged_lse)
+    old_weight = torch.exp(lse - reference).unsqueeze(-1)  # exp(-inf) = 0 for an empty side
+    new_weight = torch.exp(block_lse - reference).unsqueeze(-1)
+    out.mul_(old_weight).add_(block_out * new_weight)
+    lse.copy_(merged_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Chunked attention on one device
+# ---------------------------------------------------------------------------------------------
+
+def _attention_tiles(n_queries, n_keys, causal, block_size):
+    """Yield (query rows, key columns, is_diagonal) for every tile that has a visible key.
+
+    With causal=True the queries are the last n_queries key positions, so query row i sits at
+    key position i + offset. Key columns are cut so that each query block's own positions form
+    one square diagonal tile; the keys before it are fully visible; tiles after it are skipped.
+    """
+    offset = n_keys - n_queries
+    for q_start in range(0, n_queries, block_size):
+        q_end = min(q_start + block_size, n_queries)
+        rows = slice(q_start, q_end)
+        if not causal:
+            for k_start in range(0, n_keys, block_size):
+                yield rows, slice(k_start, min(k_start + block_size, n_keys)), False
+            continue
+        diagonal_start = q_start + offset
+        for k_start in range(0, diagonal_start, block_size):
+            yield rows, slice(k_start, min(k_start + block_size, diagonal_start)), False
+        yield rows, slice(diagonal_start, q_end + offset), True
+
+
+def _tile_document_mask(q_doc, k_doc, is_diagonal):
+    """The document mask of one tile: None if it hides nothing, else (B, Tq, Tk) bool.
+
+    q_doc (B, Tq), k_doc (B, Tk) document ids, or None when there is no document mask.
+    """
+    if q_doc is None:
+        return None
+    same_doc = q_doc[:, :, None] == k_doc[:, None, :]
+    if is_diagonal:
+        causal_hidden = ~torch.ones_like(same_doc[0]).tril()
+        hides_nothing = bool((same_doc | causal_hidden).all())
+    else:
+        hides_nothing = bool(same_doc.all())
+    return None if hides_nothing else same_doc
+
+
+def _tiles_forward(q, k, v, out, lse, causal, q_doc, k_doc, scale, block_size):
+    """Attend q (B, H, Tq, D) to k/v (B, KV, Tk, D) tile by tile, merging into out/lse in place."""
+    for rows, cols, is_diagonal in _attention_tiles(q.shape[2], k.shape[2], causal, block_size):
+        mask = _tile_document_mask(
+            None if q_doc is None else q_doc[:, rows],
+            None if k_doc is None else k_doc[:, cols], is_diagonal)
+        if mask is not None and not mask.any():
+            continue  # a tile between two different documents: nothing to do
+        block_out, block_lse = attention_block_forward(
+            q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, is_diagonal, mask)
+        merge_partial_attention(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+
+
+def _tiles_backward(dout, q, k, v, out, lse, dq, dk, dv, causal, q_doc, k_doc, scale,
+                    block_size):
+    """The gradients of _tiles_forward, added into the fp32 accumulators dq, dk, dv."""
+    for rows, cols, is_diagonal in _attention_tiles(q.shape[2], k.shape[2], causal, block_size):
+        mask = _tile_document_mask(
+            None if q_doc is None else q_doc[:, rows],
+            None if k_doc is None else k_doc[:, cols], is_diagonal)
+        if mask is not None and not mask.any():
+            continue
+        block_dq, block_dk, block_dv = attention_block_backward(
+            dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
+            out[:, :, rows], lse[:, :, rows].contiguous(), scale, is_diagonal, mask)
+        dq[:, :, rows] += block_dq
+        dk[:, :, cols] += block_dk
+        dv[:, :, cols] += block_dv
+
+
+def _head_major(x):
+    """(B, T, H, D) -> a (B, H, T, D) view of the same memory."""
+    return x.transpose(1, 2)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Saves only q, k, v, out and lse: the backward recomputes each tile, so memory stays
+    O(T x block) in both passes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids, causal, scale, block_size):
+        B, Tq, H, D = q.shape
+        out = torch.zeros(B, Tq, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+        q_doc = None if doc_ids is None else doc_ids[:, -Tq:]
+        _tiles_forward(_head_major(q), _head_major(k), _head_major(v), _head_major(out), lse,
+                       causal, q_doc, doc_ids, scale, block_size)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        q_doc = None if doc_ids is None else doc_ids[:, -q.shape[1]:]
+        _tiles_backward(_head_major(dout.to(q.dtype)), _head_major(q), _head_major(k),
+                        _head_major(v), _head_major(out), lse, _head_major(dq),
+                        _head_major(dk), _head_major(dv), ctx.causal, q_doc, doc_ids,
+                        ctx.scale, ctx.block_size)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _check_attention_inputs(q, k, v, doc_ids):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k and v must be 4-D tensors shaped (batch, seq, heads, head_dim).")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}.")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch size "
+                         f"and head_dim.")
+    n_heads, n_kv_heads = q.shape[2], k.shape[2]
+    if n_kv_heads > n_heads or n_heads % n_kv_heads != 0:
+        raise ValueError(f"the number of query heads ({n_heads}) must be a multiple of the "
+                         f"number of key/value heads ({n_kv_heads}).")
+    if doc_ids is not None and tuple(doc_ids.shape) != (k.shape[0], k.shape[1]):
+        raise ValueError(f"doc_ids must be shaped (batch, key seq) = {(k.shape[0], k.shape[1])}"
+                         f", got {tuple(doc_ids.shape)}.")
+
+
+def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
+                      block_size=DEFAULT_BLOCK_SIZE):
+    """Exact softmax attention on one device, in tiles of block_size queries x block_size keys.
+
+    q (B, Tq, H, D); k, v (B, Tk, KV, D) with H a multiple of KV. Returns (B, Tq, H, D) in q's
+    dtype, accumulated in fp32. causal=True with Tk > Tq means the queries are the last Tq key
+    positions (KV-cache prefill and Tq=1 decode): query i sees keys j <= i + Tk - Tq.
+    doc_ids (B, Tk) integer document ids, or None: when given, a query only sees keys of its own
+    document (the queries' ids are the last Tq of them). Tiles above the causal diagonal or
+    between different documents are skipped; peak memory is O(T x block_size) in forward and
+    backward. Differentiable, deterministic (safe under activation checkpointing).
+    """
+    _check_attention_inputs(q, k, v, doc_ids)
+    if causal and k.shape[1] < q.shape[1]:
+        raise ValueError(f"causal attention needs at least as many keys as queries "
+                         f"(got {k.shape[1]} keys for {q.shape[1]} queries).")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _ChunkedAttention.apply(q, k, v, doc_ids, causal, scale, block_size)
