@@ -1,0 +1,521 @@
+"""Llama 3.1 (and 3.2), readable top to bottom, with checkpoints in the Hugging Face layout.
+
+    ModelArgs, PRESETS          the sizes: llama3.1-8b/70b, llama3.2-1b/3b, and `tiny` for CPU
+    RMSNorm, Attention, FeedForward, TransformerBlock, Llama
+    Llama.forward               logits, or the mean (or summed) loss without full-vocabulary logits
+    Llama.generate              KV cache sized for the prompt, chunked prefill, greedy / top-p
+    Llama.from_pretrained       config.json + (sharded) safetensors -> model, strict, meta device + assign
+    Llama.save_pretrained       the same layout back, RoPE scaling spelled out in full
+
+The model is pure: no process groups, no FSDP. Context parallelism is applied from outside by
+swapping the attention function (`set_attention`) and passing each rank's true positions.
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rope
+from attention import chunked_attention
+from rope import RopeSettings
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    head_dim: int | None = None  # None -> dim // n_heads
+    tie_embeddings: bool = False
+    max_seq_len: int = 131072  # the window; exported as max_position_embeddings
+    rope: RopeSettings = field(default_factory=RopeSettings)
+    bos_id: int = 128000
+    eos_id: int | list[int] = 128001
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+
+def _llama3_rope(factor: float) -> RopeSettings:
+    return RopeSettings(theta=500000.0, kind="llama3", factor=factor, original_max_position=8192,
+                        low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+PRESETS = {
+    "llama3.1-8b": ModelArgs(rope=_llama3_rope(8.0)),
+    "llama3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, rope=_llama3_rope(8.0)),
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, ffn_dim=8192, tie_embeddings=True,
+                             rope=_llama3_rope(32.0)),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, ffn_dim=8192, tie_embeddings=True,
+                             rope=_llama3_rope(32.0)),
+    # A few million parameters: trains in minutes on a laptop CPU. Its "original" window is 512
+    # tokens, so the recipe's 16x-and-more extension is visible at a few thousand tokens.
+    # vocab 512 = the built-in byte-level tokenizer (256 bytes + Llama 3 special tokens).
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_dim=704,
+                      max_seq_len=512, rope=RopeSettings(theta=10000.0, original_max_position=512),
+                      bos_id=256, eos_id=257),
+}
+
+
+def preset(name: str) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], rope=replace(PRESETS[name].rope))
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one layer for generation, preallocated for prompt + new tokens only
+    (Llama 3.1 8B costs 128 KiB per token in bf16: size it for the request, not the window)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def update(self, k, v):
+        """Append k, v (B, T, KV, D) and return everything cached so far."""
+        t = k.shape[1]
+        if self.length + t > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; cannot add {t} after {self.length}")
+        self.k[:, self.length:self.length + t] = k
+        self.v[:, self.length:self.length + t] = v
+        self.length += t
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # (q, k, v, causal, doc_ids) -> out; swapped for ring attention under context parallelism
+        self.attention_fn = chunked_attention
+
+    def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, cached + T, KV, D); queries are the last T positions
+        # k/v keep their n_kv_heads: the attention function handles GQA without copying them
+        out = self.attention_fn(q, k, v, causal=True, doc_ids=doc_ids)  # (B, T, H, D)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss, without full-vocabulary logits
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum over labelled tokens of cross_entropy(h @ weight.T, labels), chunk by chunk.
+
+    Full logits at 128K tokens x 128256 vocab are 62 GiB in fp32. Here one chunk of logits exists
+    at a time, and because the gradient of cross-entropy w.r.t. the logits (softmax - onehot) is
+    known in the forward pass, the gradients w.r.t. h and weight are formed right there and saved
+    (h-sized and weight-sized), so backward costs nothing extra and nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk_size: int):
+        # h (N, D), weight (V, D), labels (N,) with -100 = ignored
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, lc = h[start:start + chunk_size], labels[start:start + chunk_size]
+            valid = lc != -100  # (c,)
+            if not valid.any():
+                continue
+            target = lc.clamp(min=0)
+            logits = (hc @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
+            total += (token_loss * valid).sum()
+            if need_grad:
+                grad_logits = torch.exp(logits - lse[:, None])  # softmax, reusing the buffer's size
+                grad_logits[torch.arange(len(lc), device=lc.device), target] -= 1.0
+                grad_logits *= valid[:, None]
+                grad_logits = grad_logits.to(h.dtype)
+                grad_h[start:start + chunk_size] = grad_logits @ weight
+                grad_w += (grad_logits.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
+
+
+def loss_chunk_size(vocab_size: int) -> int:
+    # ~128M logits per chunk: 512 MiB in fp32 (1046 tokens for Llama 3's vocabulary)
+    return max(1, (1 << 27) // vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.source_dir = None  # where from_pretrained read it: tokenizer files are copied on save
+        self.set_rope(args.rope)
+
+    def set_rope(self, settings: RopeSettings):
+        """Switch RoPE settings (e.g. llama3 -> yarn for stage 1). inv_freq is a plain attribute,
+        not a buffer, so `model.to(torch.bfloat16)` cannot degrade it; it stays fp32."""
+        self.args.rope = settings
+        self.inv_freq = rope.inv_freq(settings, self.args.head_dim)  # (D/2,) fp32
+        self.mscale = settings.mscale
+
+    def set_attention(self, attention_fn):
+        """Use another attention function in every layer (e.g. ring attention on a cp group)."""
+        for layer in self.layers:
+            layer.attention.attention_fn = attention_fn
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random weights for training from scratch (the tiny preset)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def hidden_states(self, tokens, positions=None, doc_ids=None, caches=None):
+        """Final normalised hidden states (B, T, dim)."""
+        B, T = tokens.shape
+        if positions is None:
+            start = caches[0].length if caches else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos, sin = rope.rope_cos_sin(positions, self.inv_freq, self.mscale, h.dtype)  # (B, T, D) each
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, doc_ids, caches[i] if caches else None)
+        return self.norm(h)
+
+    def forward(self, tokens, labels=None, positions=None, doc_ids=None, reduction="mean"):
+        """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss.
+
+        labels[b, t] is the token that should follow tokens[b, t] (-100 = not trained on).
+        positions (B, T): the true positions of the tokens (a context-parallel shard holds
+        non-contiguous ones); default 0..T-1. reduction="sum" returns the summed token loss, for
+        callers that average over tokens of several ranks / micro-batches themselves.
+        """
+        h = self.hidden_states(tokens, positions, doc_ids)
+        if labels is None:
+            return self.output(h).float()
+        h_flat, labels_flat = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        total = ChunkedCrossEntropy.apply(h_flat, self.output.weight, labels_flat,
+                                          loss_chunk_size(self.args.vocab_size))
+        if reduction == "sum":
+            return total
+        return total / (labels_flat != -100).sum().clamp(min=1)  # no labelled token: 0, not NaN
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids=(), temperature: float = 0.0,
+                 top_p: float = 1.0, prefill_chunk: int = 4096, generator: torch.Generator | None = None):
+        """Continue one prompt; returns the new token ids (the stop token included if hit).
+
+        The prompt is prefilled in chunks of `prefill_chunk` tokens against the KV cache, and
+        logits are computed for the last position only: a 1M-token prompt never materialises
+        (1M, vocab) logits nor (1M, 1M) attention scores.
+        """
+        device = self.output.weight.device
+        dtype = self.output.weight.dtype
+        caches = [KVCache(1, len(prompt) + max_new_tokens, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+                  for _ in self.layers]
+        tokens = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, T)
+        for start in range(0, tokens.shape[1], prefill_chunk):
+            h = self.hidden_states(tokens[:, start:start + prefill_chunk], caches=caches)
+        out = []
+        for _ in range(max_new_tokens):
+            logits = self.output(h[:, -1]).float()  # (1, vocab)
+            next_id = sample_token(logits, temperature, top_p, generator)
+            out.append(next_id)
+            if next_id in stop_ids:
+                break
+            h = self.hidden_states(torch.tensor([[next_id]], device=device), caches=caches)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device="cpu"):
+        """Load an HF-layout directory. Built on the meta device and filled with assign=True, so
+        the weights exist once in memory; every tensor must be used and every parameter filled."""
+        args = args_from_hf_config(read_hf_config(path))
+        with torch.device("meta"):
+            model = cls(args)
+        ours_to_hf = hf_key_map(args)
+        hf_to_ours = {v: k for k, v in ours_to_hf.items()}
+        expected = {k: p.shape for k, p in model.state_dict().items()}
+        state = {}
+        for key, tensor, filename in read_safetensors(path):
+            if key == "lm_head.weight" and args.tie_embeddings:
+                continue  # some tied checkpoints store the shared matrix twice
+            if key not in hf_to_ours:
+                raise ValueError(f"unexpected tensor {key!r} in {filename}: not part of a "
+                                 f"{args.n_layers}-layer Llama")
+            ours = hf_to_ours[key]
+            if tuple(tensor.shape) != tuple(expected[ours]):
+                raise ValueError(f"tensor {key!r} in {filename} has shape {tuple(tensor.shape)}, but config.json "
+                                 f"implies {tuple(expected[ours])}")
+            state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if args.tie_embeddings:
+            expected.pop("output.weight", None)
+        missing = sorted(ours_to_hf[k] for k in expected if k not in state)
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared one
+        model.set_rope(args.rope)
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, path: str, max_shard_bytes: int = 5 << 30, tokenizer=None):
+        save_hf_checkpoint(path, self.args, self.state_dict(), source_dir=self.source_dir,
+                           max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+
+
+def sample_token(logits, temperature: float, top_p: float, generator=None) -> int:
+    """Greedy when temperature is 0, otherwise nucleus (top-p) sampling. logits (1, vocab)."""
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(logits / temperature, dim=-1)[0]
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set with mass >= top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+# ----------------------------------------------------------------------------------------------
+# the Hugging Face layout: config.json <-> ModelArgs, tensor names, safetensors files
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def read_hf_config(path: str) -> dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: a model directory needs config.json")
+    with open(config_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+
+
+def args_from_hf_config(config: dict) -> ModelArgs:
+    if config.get("model_type") != "llama":
+        raise ValueError(f"model_type {config.get('model_type')!r} in config.json is not supported; "
+                         f"this project loads Llama models (model_type 'llama')")
+    return ModelArgs(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        vocab_size=config["vocab_size"], ffn_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-5), head_dim=config.get("head_dim"),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        max_seq_len=config.get("max_position_embeddings", 8192), rope=rope.from_hf(config),
+        bos_id=config.get("bos_token_id", 128000), eos_id=config.get("eos_token_id", 128001))
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": 0.02,
+        "tie_word_embeddings": args.tie_embeddings, "bos_token_id": args.bos_id, "eos_token_id": args.eos_id,
+        # the window: serving engines refuse longer requests without overrides
+        "max_position_embeddings": args.max_seq_len,
+        **rope.to_hf(args.rope, args.head_dim),
+        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+    }
+
+
+def hf_key_map(args: ModelArgs) -> dict[str, str]:
+    """Our parameter names -> the Hugging Face names, one explicit table."""
+    keys = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not args.tie_embeddings:
+        keys["output.weight"] = "lm_head.weight"
+    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                 "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                 "ffn_norm": "post_attention_layernorm"}
+    for i in range(args.n_layers):
+        for ours, hf in per_layer.items():
+            keys[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+    return keys
+
+
+def read_safetensors(path: str):
+    """Yield (name, tensor, filename) from model.safetensors or the shards an index lists.
+    safe_open memory-maps each file and materialises one tensor at a time."""
+    from safetensors import safe_open
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has no weights: expected model.safetensors or "
+                                f"model.safetensors.index.json with its shards")
+    for filename in files:
+        full = os.path.join(path, filename)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"shard {full} listed in model.safetensors.index.json is missing")
+        with safe_open(full, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key), full
+
+
+def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir: str | None = None,
+                       max_shard_bytes: int = 5 << 30, tokenizer=None):
+    """Write config.json, safetensors (sharded with an index above max_shard_bytes) and the
+    tokenizer files. Each file is written under a temporary name and renamed when complete."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    ours_to_hf = hf_key_map(args)
+    tensors = {ours_to_hf[k]: v.detach().contiguous().cpu() for k, v in state_dict.items() if k in ours_to_hf}
+    dtype = tensors["model.embed_tokens.weight"].dtype
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+
+    def atomic_write(filename, write):
+        tmp = os.path.join(path, f".{filename}.tmp")
+        write(tmp)
+        os.replace(tmp, os.path.join(path, filename))
+
+    stale = [f for f in os.listdir(path) if f.startswith("model") and f.endswith((".safetensors", ".index.json"))]
+    for f in stale:  # a previous export with another shard count must not linger
+        os.remove(os.path.join(path, f))
+    if len(shards) == 1:
+        atomic_write("model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(filename, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            weight_map.update({name: filename for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write("model.safetensors.index.json", lambda tmp: _write_json(tmp, index))
+
+    if tokenizer is not None:
+        tokenizer.save(path)
+    elif source_dir is not None and os.path.abspath(source_dir) != os.path.abspath(path):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(source_dir, name)):
+                shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
+    atomic_write("config.json", lambda tmp: _write_json(tmp, hf_config(args, dtype)))
+
+
+def _write_json(path: str, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def count_params(args: ModelArgs, embeddings: bool = True) -> int:
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    mlp = 3 * args.dim * args.ffn_dim
+    total = args.n_layers * (attn + mlp + 2 * args.dim) + args.dim
+    if embeddings:
+        total += args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
+    return total
+
+
+def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul parameter plus
+    attention's quadratic term 12 * layers * heads * head_dim * (average context)."""
+    matmul_params = count_params(args, embeddings=False) - args.n_layers * 2 * args.dim - args.dim
+    matmul_params += args.vocab_size * args.dim  # the output head (the embedding lookup is free)
+    context = seq_len / 2 if causal else seq_len
+    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * context
