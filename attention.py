@@ -365,3 +365,246 @@ def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
         raise ValueError(f"block_size must be positive, got {block_size}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _ChunkedAttention.apply(q, k, v, doc_ids, causal, scale, block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Ring attention (context parallelism)
+# ---------------------------------------------------------------------------------------------
+# P ranks each hold 2 of the 2P chunks of the sequence (zigzag, section 6). Each rank keeps its
+# queries; the key/value blocks travel around the ring, one hop per step, so after P steps every
+# query has met every key and no rank ever holds more than two KV blocks at once (its current
+# one and the one arriving). The next block's transfer runs while the current one is computed.
+#
+# Which part of a block a rank's queries see follows from the zigzag layout. Rank r holds
+# chunks (r, 2P-1-r); at step s it holds the KV block of rank src = (r - s) mod P:
+#   src == r: its own chunks, causal within them (chunk 2P-1-r sees all of chunk r);
+#   src <  r: both query chunks come after KV chunk src and before KV chunk 2P-1-src,
+#             so all queries see the first half of the block;
+#   src >  r: only query chunk 2P-1-r comes after the block's chunks, and it sees all of it.
+# Every step costs each rank the same (half a block of full attention), hence the balance.
+
+def _ring_step_tiles(rank, source, local_len, causal):
+    """(query rows, KV rows, causal) that this rank computes against the block of `source`."""
+    everything, half = slice(0, local_len), local_len // 2
+    if not causal:
+        return everything, everything, False
+    if source == rank:
+        return everything, everything, True
+    if source < rank:
+        return everything, slice(0, half), False
+    return slice(half, local_len), everything, False
+
+
+class RingExchange:
+    """Owns the transfer of one set of tensors to the next rank of the ring and the reception
+    of the previous rank's set, asynchronously.
+
+        exchange.start([kv, doc_ids])    # post the send and the receive
+        ... compute on the current block ...
+        kv, doc_ids = exchange.wait()    # the previous rank's tensors
+
+    Every rank posts its send before its receive in one batch_isend_irecv, the same on all
+    ranks, so neither gloo nor NCCL can deadlock, with 2 ranks (next == previous) or more.
+    Each exchange uses its own tag so that two exchanges in flight at once (keys/values forward,
+    their gradients backward) cannot be confused by gloo, which matches messages by tag.
+    A ring of one rank sends to itself: start/wait then just hand the tensors back.
+    """
+
+    def __init__(self, group, rank, world_size, tag):
+        self.group, self.rank, self.world_size, self.tag = group, rank, world_size, tag
+        self._sending, self._receiving, self._requests = None, None, None
+
+    def start(self, tensors):
+        tensors = [t.contiguous() for t in tensors]
+        self._sending = tensors  # kept alive until the transfer is done
+        if self.world_size == 1:
+            self._receiving = tensors
+            return
+        self._receiving = [torch.empty_like(t) for t in tensors]
+        next_rank = (self.rank + 1) % self.world_size
+        previous_rank = (self.rank - 1) % self.world_size
+        operations = [dist.P2POp(dist.isend, t, group=self.group, group_peer=next_rank,
+                                 tag=self.tag) for t in tensors]
+        operations += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=previous_rank,
+                                  tag=self.tag) for t in self._receiving]
+        self._requests = dist.batch_isend_irecv(operations)
+
+    def wait(self):
+        for request in self._requests or []:
+            request.wait()
+        received = self._receiving
+        self._sending, self._receiving, self._requests = None, None, None
+        return received
+
+
+_KV_TAG, _KV_GRAD_TAG = 0, 1
+
+
+class _RingAttention(torch.autograd.Function):
+    """Forward: KV blocks go around the ring once. Backward: they go around again, and with each
+    block travels the fp32 accumulator of its dK/dV, one hop behind; after the last step the
+    accumulator has visited every rank and lands on the block's owner, complete."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc_ids, group, rank, world_size, causal, scale, block_size):
+        B, T, H, D = q.shape
+        out = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
+        q_heads, out_heads = _head_major(q), _head_major(out)
+        block = _kv_block(k, v, doc_ids)
+        exchange = RingExchange(group, rank, world_size, _KV_TAG)
+        for step in range(world_size):
+            if step + 1 < world_size:
+                exchange.start(block)
+            kv, block_doc = block[0], block[1] if doc_ids is not None else None
+            rows, kv_rows, tile_causal = _ring_step_tiles(
+                rank, (rank - step) % world_size, T, causal)
+            _tiles_forward(q_heads[:, :, rows], _head_major(kv[0][:, kv_rows]),
+                           _head_major(kv[1][:, kv_rows]), out_heads[:, :, rows],
+                           lse[:, :, rows], tile_causal,
+                           None if doc_ids is None else doc_ids[:, rows],
+                           None if doc_ids is None else block_doc[:, kv_rows],
+                           scale, block_size)
+            if step + 1 < world_size:
+                block = exchange.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.group, ctx.rank, ctx.world_size = group, rank, world_size
+        ctx.causal, ctx.scale, ctx.block_size = causal, scale, block_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        rank, world_size, T = ctx.rank, ctx.world_size, q.shape[1]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        q_heads, out_heads, dq_heads = _head_major(q), _head_major(out), _head_major(dq)
+        dout_heads = _head_major(dout.to(q.dtype))
+        block = _kv_block(k, v, doc_ids)
+        kv_exchange = RingExchange(ctx.group, rank, world_size, _KV_TAG)
+        grad_exchange = RingExchange(ctx.group, rank, world_size, _KV_GRAD_TAG)
+        for step in range(world_size):
+            if step + 1 < world_size:
+                kv_exchange.start(block)
+            kv, block_doc = block[0], block[1] if doc_ids is not None else None
+            # This rank's share of the current block's gradient: (2, B, T, KV, D) fp32.
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            rows, kv_rows, tile_causal = _ring_step_tiles(
+                rank, (rank - step) % world_size, T, ctx.causal)
+            _tiles_backward(dout_heads[:, :, rows], q_heads[:, :, rows],
+                            _head_major(kv[0][:, kv_rows]), _head_major(kv[1][:, kv_rows]),
+                            out_heads[:, :, rows], lse[:, :, rows], dq_heads[:, :, rows],
+                            _head_major(dkv[0][:, kv_rows]), _head_major(dkv[1][:, kv_rows]),
+                            tile_causal,
+                            None if doc_ids is None else doc_ids[:, rows],
+                            None if doc_ids is None else block_doc[:, kv_rows],
+                            ctx.scale, ctx.block_size)
+            if step > 0:
+                # The shares of the ranks this block visited before us, one hop behind it.
+                dkv += grad_exchange.wait()[0]
+            if step + 1 < world_size:
+                block = kv_exchange.wait()
+            grad_exchange.start([dkv])
+        # After P hops the accumulator of our own block is back, with every rank's share.
+        dkv = grad_exchange.wait()[0]
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
+                None, None, None, None, None, None, None)
+
+
+def _kv_block(k, v, doc_ids):
+    """What travels around the ring: keys and values stacked as one (2, B, T, KV, D) message,
+    and the document ids of those keys when there is a document mask."""
+    kv = torch.stack([k, v])
+    return [kv] if doc_ids is None else [kv, doc_ids]
+
+
+def _rank_in_group(group):
+    """(rank, world_size) of this process in `group` (None: the default group), or a
+    ValueError saying why the group cannot be used."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("ring attention and zigzag sharding need torch.distributed to be "
+                         "initialised (dist.init_process_group) before they are called.")
+    group = dist.group.WORLD if group is None else group
+    group_size, world_size = group.size(), dist.get_world_size()
+    if group_size > world_size:
+        raise ValueError(f"the process group has {group_size} ranks but the world has only "
+                         f"{world_size} processes.")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the process group it was given.")
+    return rank, group_size
+
+
+def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
+                   block_size=DEFAULT_BLOCK_SIZE):
+    """Exact attention over a sequence split across the ranks of `group` (context parallel).
+
+    q (B, T, H, D), k/v (B, T, KV, D) and doc_ids (B, T) are THIS rank's zigzag shard
+    (zigzag_shard with the same group), T = total length / P. Returns this rank's rows of the
+    output, (B, T, H, D) in q's dtype. Differentiable: the gradients of q, k and v are this
+    rank's shards of the full gradients, exactly. Works with gloo (CPU) and NCCL (GPU).
+    """
+    _check_attention_inputs(q, k, v, doc_ids)
+    rank, world_size = _rank_in_group(group)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"ring attention needs q and k/v shards of the same length, got "
+                         f"{q.shape[1]} and {k.shape[1]}.")
+    if q.shape[1] % 2 != 0:
+        raise ValueError(f"a zigzag shard holds two equal chunks, so its length must be even, "
+                         f"got {q.shape[1]}: the sequence length must be divisible by "
+                         f"2 x cp = {2 * world_size}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _RingAttention.apply(q, k, v, doc_ids, group, rank, world_size, causal, scale,
+                                block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Zigzag sharding
+# ---------------------------------------------------------------------------------------------
+# Causal attention is triangular: cutting the sequence into P consecutive pieces would give the
+# last rank P times the work of the first. Cutting it into 2P chunks and giving rank r the
+# chunks r and 2P-1-r pairs a cheap chunk with an expensive one, so every rank does the same
+# work. Tokens, labels, positions and the loss mask must all be split with this one
+# permutation, and RoPE must use the positions a rank actually holds:
+#
+#     tokens, labels, loss_mask = (zigzag_shard(x, 1, cp_group) for x in (tokens, labels, mask))
+#     positions = zigzag_shard(torch.arange(seq_len), 0, cp_group)  # [0,1,6,7] on rank 0 of 2
+
+def zigzag_indices(seq_len, rank, world_size):
+    """The global positions held by `rank`, in order: chunks rank and 2P-1-rank of 2P."""
+    n_chunks = 2 * world_size
+    if seq_len % n_chunks != 0:
+        raise ValueError(f"sequence length {seq_len} must be divisible by 2 x cp = {n_chunks} "
+                         f"for zigzag sharding.")
+    chunk = seq_len // n_chunks
+    first, second = rank * chunk, (n_chunks - 1 - rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk),
+                      torch.arange(second, second + chunk)])
+
+
+def zigzag_shard(x, dim, group):
+    """This rank's zigzag shard of x along `dim` (x holds the full sequence on every rank)."""
+    rank, world_size = _rank_in_group(group)
+    positions = zigzag_indices(x.shape[dim], rank, world_size).to(x.device)
+    return x.index_select(dim, positions)
+
+
+def zigzag_unshard(x, dim, group):
+    """The inverse of zigzag_shard: gathers every rank's shard and returns the full sequence,
+    in order, on every rank. Not differentiable (for outputs, metrics and tests)."""
+    rank, world_size = _rank_in_group(group)
+    # gloo cannot gather bools: gather them as bytes.
+    sendable = x.to(torch.uint8) if x.dtype == torch.bool else x
+    shards = [torch.empty_like(sendable) for _ in range(world_size)]
+    dist.all_gather(shards, sendable.contiguous(), group=group)
+    seq_len = x.shape[dim] * world_size
+    full_shape = list(x.shape)
+    full_shape[dim] = seq_len
+    full = sendable.new_empty(full_shape)
+    for shard_rank, shard in enumerate(shards):
+        positions = zigzag_indices(seq_len, shard_rank, world_size).to(x.device)
+        full.index_copy_(dim, positions, shard)
+    return full.to(x.dtype)
