@@ -279,6 +279,20 @@ class Llama(nn.Module):
             return total
         return total / (labels_flat != -100).sum().clamp(min=1)  # no labelled token: 0, not NaN
 
+    @torch.no_grad()
+    def token_losses(self, tokens, labels, positions=None, doc_ids=None):
+        """Per-token cross-entropy (B, T), 0 where labels are -100, for perplexity by position;
+        logits exist one chunk of tokens at a time."""
+        h = self.hidden_states(tokens, positions, doc_ids)
+        losses = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+        chunk = loss_chunk_size(self.args.vocab_size)
+        for start in range(0, h.shape[1], chunk):
+            logits = self.output(h[:, start:start + chunk]).float()  # (B, c, vocab)
+            target = labels[:, start:start + chunk]
+            losses[:, start:start + chunk] = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                             reduction="none")
+        return losses
+
     # ------------------------------------------------------------------------------------------
     # generation
 

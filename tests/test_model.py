@@ -255,3 +255,14 @@ def test_directory_without_weights(checkpoint):
     os.remove(checkpoint / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="has no weights"):
         Llama.from_pretrained(str(checkpoint))
+
+
+def test_token_losses_match_full_logits(monkeypatch):
+    monkeypatch.setattr(M, "loss_chunk_size", lambda vocab: 6)
+    m = tiny_model()
+    tokens = torch.randint(0, 300, (2, 20))
+    labels = torch.randint(0, 300, (2, 20))
+    labels[1, 3:9] = -100
+    with torch.no_grad():
+        ref = F.cross_entropy(m(tokens).transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    assert torch.allclose(m.token_losses(tokens, labels), ref, atol=1e-5)
