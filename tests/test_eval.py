@@ -1,0 +1,315 @@
+"""eval.py: the generators put every answer where they say, at the asked token length, reproducibly;
+the scorers agree with hand-made cases; the CLI runs end to end on a tiny random model."""
+import collections
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval as E
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.builtin_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def haystack(tok, cache):
+    return E.Haystack(tok, data.build_token_file(None, tok, cache, log=None))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tok, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny"))
+    m = M.Llama(M.preset("tiny"))  # window 512
+    m.init_weights(seed=0)
+    m.save_pretrained(path, tokenizer=tok)
+    return path
+
+
+def total_length(sample):
+    return len(sample["tokens"]) + sample["max_new_tokens"]
+
+
+def context_text(tok, sample):
+    a, b = sample["context_span"]
+    return tok.decode(sample["tokens"][a:b])
+
+
+# ----------------------------------------------------------------------------------------------
+# generators
+
+@pytest.mark.parametrize("length", [256, 1000, 3000, 8192])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_niah_needle_at_stated_depth_and_length(tok, haystack, length, depth):
+    s = E.make_niah_sample(tok, length, depth, seed=7, haystack=haystack)
+    assert abs(total_length(s) - length) <= 0.01 * length
+    (a, b), = s["needle_spans"]
+    assert s["answers"][0] in tok.decode(s["tokens"][a:b])
+    assert s["answers"][0] not in tok.decode(s["tokens"][:a] + s["tokens"][b:])  # only the needle has it
+    c0, c1 = s["context_span"]
+    n_haystack = (c1 - c0) - (b - a)
+    actual = (a - c0) / n_haystack
+    assert actual == pytest.approx(s["needle_depths"][0])
+    assert abs(actual - depth) <= max(0.005, 8 / n_haystack) + 1 / n_haystack
+    # spliced on a word boundary, without special tokens
+    assert all(t < 256 for t in s["tokens"][c0:c1])
+
+
+def test_chat_prompt_is_format_chat_token_for_token(tok, haystack):
+    s = E.make_niah_sample(tok, 1024, 0.5, seed=1, haystack=haystack)
+    prefix, _ = E.prompt_frame(tok, chat=True)
+    answer_prefix = tok.encode(E.NIAH_ANSWER_PREFIX)
+    content = tok.decode(s["tokens"][len(prefix):len(s["tokens"]) - len(answer_prefix) - 5])
+    content = content[:content.index("<|eot_id|>")]
+    expected, _ = data.format_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True)
+    assert s["tokens"] == expected + answer_prefix
+    assert s["tokens"][0] == tok.bos_id
+
+
+def test_plain_prompt_without_chat(tok, haystack):
+    s = E.make_niah_sample(tok, 512, 0.5, seed=1, haystack=haystack, chat=False)
+    assert s["tokens"][0] == tok.bos_id and tok.token_id("<|start_header_id|>") not in s["tokens"]
+    assert total_length(s) == 512
+
+
+def test_same_seed_same_sample(tok, haystack):
+    for make in (lambda seed: E.make_niah_sample(tok, 2048, 0.3, seed, haystack),
+                 lambda seed: E.make_passkey_sample(tok, 2048, 0.3, seed),
+                 *[lambda seed, t=t: E.make_ruler_sample(t, tok, 2048, seed, haystack) for t in E.RULER_TASKS]):
+        first, again, other = make(3), make(3), make(4)
+        assert first == again
+        assert first["tokens"] != other["tokens"]
+
+
+def test_seeds_derive_from_everything_that_names_a_sample():
+    assert E.derive_seed(0, "niah", 1024, 0.5, 0) == E.derive_seed(0, "niah", 1024, 0.5, 0)
+    assert len({E.derive_seed(0, "niah", 1024, d, 0) for d in (0.0, 0.5, 1.0)}) == 3
+
+
+@pytest.mark.parametrize("length", [2048, 6000])
+def test_ruler_niah_variants(tok, haystack, length):
+    expect = {"niah_single": (1, 1), "niah_multikey": (4, 1), "niah_multivalue": (4, 4), "niah_multiquery": (4, 4)}
+    for task, (n_needles, n_answers) in expect.items():
+        s = E.make_ruler_sample(task, tok, length, seed=11, haystack=haystack)
+        assert abs(total_length(s) - length) <= 0.01 * length
+        assert len(s["needle_spans"]) == n_needles and len(s["answers"]) == n_answers
+        needles = [tok.decode(s["tokens"][a:b]) for a, b in s["needle_spans"]]
+        for needle_text, (a, b), depth in zip(needles, s["needle_spans"], s["needle_depths"]):
+            assert needle_text.strip() in s["needles"]
+            assert 0 <= depth <= 1
+        for answer in s["answers"]:  # each answer is in a needle that names a queried key
+            assert sum(answer in t for t in needles) == 1
+        question = tok.decode(s["tokens"][s["context_span"][1]:])
+        for t in needles:
+            key = t.split(" for ")[1].split(" is:")[0]
+            queried = key in question
+            assert queried == any(a in t for a in s["answers"])
+
+
+def test_ruler_variable_tracking(tok, haystack):
+    s = E.make_ruler_sample("vt", tok, 3000, seed=5, haystack=haystack)
+    assert abs(total_length(s) - 3000) <= 30
+    statements = [tok.decode(s["tokens"][a:b]).strip() for a, b in s["needle_spans"]]
+    starts = [a for a, _ in s["needle_spans"]]
+    assert starts == sorted(starts)  # the chain reads in order
+    first, *rest = statements
+    assert first == f"VAR {s['answers'][0]} = {first.split(' = ')[1]}"
+    for j, stmt in enumerate(rest):
+        assert stmt == f"VAR {s['answers'][j + 1]} = VAR {s['answers'][j]}"
+    assert f"assigned the value {first.split(' = ')[1]}" in tok.decode(s["tokens"])
+
+
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_ruler_common_words(tok, haystack, length):
+    s = E.make_ruler_sample("cwe", tok, length, seed=5, haystack=haystack)
+    assert abs(total_length(s) - length) <= 0.01 * length
+    words = [w for w in context_text(tok, s).split() if not w.endswith(".")]
+    counts = collections.Counter(words)
+    rare = max(c for w, c in counts.items() if w not in s["answers"])
+    assert len(s["answers"]) == 10 and all(counts[w] > rare for w in s["answers"])
+
+
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_ruler_frequent_words(tok, haystack, length):
+    s = E.make_ruler_sample("fwe", tok, length, seed=5, haystack=haystack)
+    assert abs(total_length(s) - length) <= 0.01 * length
+    counts = collections.Counter(context_text(tok, s).split())
+    ranked = [w for w, _ in counts.most_common() if w != "...."]
+    assert ranked[:3] == s["answers"]
+    assert counts[ranked[2]] > counts[ranked[3]]  # unambiguous
+
+
+def test_passkey(tok):
+    for depth in (0.0, 0.5, 1.0):
+        s = E.make_passkey_sample(tok, 1500, depth, seed=2)
+        assert total_length(s) == 1500
+        (a, b), = s["needle_spans"]
+        assert f"The pass key is {s['answers'][0]}." in tok.decode(s["tokens"][a:b])
+        assert abs(s["needle_depths"][0] - depth) <= 0.01
+
+
+def test_needle_that_does_not_fit_says_so(tok, haystack):
+    with pytest.raises(E.EvalError, match=r"at length 256 .* the needles need \d+; ask for a longer length"):
+        E.make_niah_sample(tok, 256, 0.5, 0, haystack, needle="A very long needle. " * 20 + "{value}")
+    with pytest.raises(E.EvalError, match="cwe: at length 300"):
+        E.make_ruler_sample("cwe", tok, 300, 0, haystack)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+
+def test_exact_match_and_f1_by_hand():
+    assert E.exact_match("  The Cat!", ["cat"]) == 1.0  # case, punctuation, articles
+    assert E.exact_match(" 1234567.", ["1234567"]) == 1.0
+    assert E.exact_match("1234567 is it", ["1234567"]) == 0.0
+    assert E.exact_match("dog", ["cat", "Dog"]) == 1.0
+    # "the cat sat" vs "cat sat on mat": 2 common, precision 2/2, recall 2/4 -> F1 2/3
+    assert E.token_f1("the cat sat", ["cat sat on mat"]) == pytest.approx(2 / 3)
+    assert E.token_f1("cat cat", ["cat"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # counts clip
+    assert E.token_f1("nothing", ["cat"]) == 0.0
+    assert E.token_f1("cat sat", ["dog", "cat sat"]) == 1.0  # best reference
+
+
+def test_ruler_string_match_by_hand():
+    refs = ["ABC", "xyz", "def"]
+    assert E.ruler_string_match_all("abc and DEF", refs) == pytest.approx(2 / 3)
+    assert E.ruler_string_match_part("abc and DEF", refs) == 1.0
+    assert E.ruler_string_match_part("nothing", refs) == 0.0
+    assert E.ruler_string_match_all("123456", ["12345"]) == 1.0  # RULER matches substrings
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+def test_malformed_jsonl_is_named(tmp_path):
+    cases = {
+        '{"context": "c", "input": "q", "answers": ["a"]}\n{"context": "c"\n': "line 2 is not valid JSON",
+        '{"input": "q", "answers": ["a"]}\n': "line 1 has no 'context' string",
+        '\n{"context": "c", "answers": []}\n': "line 2 has no 'answers'",
+        '[1, 2]\n': "line 1 is not a JSON object",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(text)
+        with pytest.raises(E.EvalError, match=f"bad.jsonl {message}"):
+            E.load_jsonl_records(str(path))
+
+
+def test_jsonl_accepts_infinitebench_answer_and_cuts_in_the_middle(tok, tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"context": "head " + "x" * 5000 + " tail", "input": "q?", "answer": "a"}) + "\n")
+    record, = E.load_jsonl_records(str(path))
+    assert record["answers"] == ["a"]
+    s = E.make_jsonl_sample(tok, record, 1024)
+    assert s["truncated"] and total_length(s) == 1024
+    text = tok.decode(s["tokens"])
+    assert "head " in text and " tail" in text
+
+
+def test_lengths_beyond_the_window(capsys):
+    E.check_lengths([512, 1024], 512, "warn")
+    assert "beyond the model's window of 512" in capsys.readouterr().err
+    with pytest.raises(E.EvalError, match="length 1K is beyond the model's window of 512 tokens"):
+        E.check_lengths([1024], 512, "refuse")
+
+
+def test_parse_length():
+    assert [E.parse_length(x) for x in ("4096", "4K", "1M", "1.5K")] == [4096, 4096, 1 << 20, 1536]
+    with pytest.raises(E.EvalError, match="cannot read the length"):
+        E.parse_length("4 tokens")
+
+
+# ----------------------------------------------------------------------------------------------
+# model side
+
+def test_chunked_token_losses_match_the_full_forward():
+    torch.manual_seed(0)
+    m = M.Llama(M.preset("tiny"))
+    m.init_weights(seed=0)
+    tokens = torch.randint(0, 256, (300,)).tolist()
+    x = torch.tensor(tokens)[None]
+    labels = torch.cat([x[:, 1:], torch.full((1, 1), -100)], dim=1)
+    reference = m.token_losses(x, labels)[0, :-1]
+    ours = E.chunked_token_losses(m, tokens, chunk=64)
+    torch.testing.assert_close(torch.from_numpy(ours), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_niah_and_ppl_end_to_end(tiny_dir, cache, tmp_path):
+    out = str(tmp_path / "niah")
+    argv = ["--model", tiny_dir, "--out", out, "--cache", cache]
+    assert E.main(["niah", *argv, "--lengths", "256,512", "--depths", "0,0.5,1"]) == 0
+    result = json.load(open(os.path.join(out, "results.json")))
+    assert result["task"] == "niah" and result["model"] == tiny_dir and len(result["items"]) == 6
+    assert {(it["length"], it["depth"]) for it in result["items"]} == {(n, d) for n in (256, 512) for d in (0, 0.5, 1)}
+    assert all(it["prompt_tokens"] + it["max_new_tokens"] == it["length"] for it in result["items"])
+    assert set(result["items"][0]["scores"]) == {"exact_match", "string_match"}
+    assert len(result["aggregate"]["grid"]["scores"]) == 3
+    assert os.path.getsize(os.path.join(out, "niah_heatmap.png")) > 0
+
+    os.remove(os.path.join(out, "niah_heatmap.png"))  # `plot` redraws it from results.json
+    assert E.main(["plot", out]) == 0 and os.path.exists(os.path.join(out, "niah_heatmap.png"))
+
+    out = str(tmp_path / "ppl")
+    assert E.main(["ppl", "--model", tiny_dir, "--out", out, "--cache", cache, "--lengths", "512", "--docs", "2",
+                   "--bucket", "128"]) == 0
+    rows = list(csv.DictReader(open(os.path.join(out, "ppl_by_position.csv"))))
+    assert [(int(r["bucket_start"]), int(r["bucket_end"])) for r in rows] == [(0, 128), (128, 256), (256, 384),
+                                                                                (384, 512)]
+    assert sum(int(r["tokens"]) for r in rows) == 2 * 511
+    assert all(200 < float(r["ppl"]) < 1000 for r in rows)  # random weights: about the vocabulary size
+    assert os.path.getsize(os.path.join(out, "ppl_by_position.png")) > 0
+    assert len(json.load(open(os.path.join(out, "results.json")))["items"]) == 2
+
+
+def test_ruler_passkey_jsonl_end_to_end(tiny_dir, cache, tmp_path):
+    argv = ["--model", tiny_dir, "--cache", cache, "--beyond-window", "warn"]
+    out = str(tmp_path / "ruler")
+    assert E.main(["ruler", *argv, "--out", out, "--lengths", "2K", "--samples", "1"]) == 0
+    result = json.load(open(os.path.join(out, "results.json")))
+    assert [it["task"] for it in result["items"]] == E.RULER_TASKS
+    assert set(result["aggregate"]["by_length"]["2K"]) == set(E.RULER_TASKS) | {"average"}
+    assert "RULER at 2K" in open(os.path.join(out, "ruler_tables.md")).read()
+
+    out = str(tmp_path / "passkey")
+    assert E.main(["passkey", *argv, "--out", out, "--lengths", "512", "--depths", "0.5"]) == 0
+    assert json.load(open(os.path.join(out, "results.json")))["aggregate"]["metric"] == "string_match"
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"context": f"doc {i} " * 50, "input": "which doc?", "answers": [f"doc {i}"]})
+                            + "\n" for i in range(2)))
+    out = str(tmp_path / "jsonl")
+    assert E.main(["jsonl", str(path), *argv, "--out", out]) == 0
+    aggregate = json.load(open(os.path.join(out, "results.json")))["aggregate"]
+    assert aggregate["records"] == 2 and 0 <= aggregate["f1"] <= 1
+
+
+def test_cli_refuses_beyond_window_and_bad_jsonl_in_one_sentence(tiny_dir, cache, tmp_path, capsys):
+    argv = ["--model", tiny_dir, "--cache", cache, "--out", str(tmp_path / "x")]
+    assert E.main(["niah", *argv, "--lengths", "1K", "--beyond-window", "refuse"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: length 1K is beyond the model's window of 512 tokens") and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "input": "q"}\n')
+    assert E.main(["jsonl", str(bad), *argv]) == 2
+    assert "bad.jsonl line 1 has no 'answers'" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_still_writes_the_data(tiny_dir, cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(E, "pyplot", lambda: None)
+    out = str(tmp_path / "niah")
+    assert E.main(["niah", "--model", tiny_dir, "--out", out, "--cache", cache, "--lengths", "256",
+                   "--depths", "0.5"]) == 0
+    assert os.path.exists(os.path.join(out, "results.json"))
+    assert not os.path.exists(os.path.join(out, "niah_heatmap.png"))
+    assert f"python eval.py plot {out}" in capsys.readouterr().out
