@@ -84,17 +84,12 @@ def _finite_or_zero(lse):
 def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     """(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32) for one block pair.
 
-    Uses the fastest kernel PyTorch has for the device; masked blocks and other devices use the
-    math path, which is exact and handles rows that see no key.
+    Uses PyTorch's fused kernel for the device (CPU or CUDA); masked blocks and other devices
+    use the math path, which is exact and handles rows that see no key.
     """
-    if mask is None and q.device.type == "cpu":
-        # The CPU flash kernel takes GQA key/value heads as they are.
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    if mask is None and q.device.type == "cuda":
-        return _cuda_block_forward(q, k, v, scale, causal)
-    return _math_block_forward(q, k, v, scale, causal, mask)
+    if mask is not None or q.device.type not in ("cpu", "cuda"):
+        return _math_block_forward(q, k, v, scale, causal, mask)
+    return _fused_block_forward(q, k, v, scale, causal)
 
 
 def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=None):
@@ -104,12 +99,9 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
     blocks simply add up: this is what makes chunked and ring backward passes exact.
     dk/dv come back with KV heads.
     """
-    if mask is None and q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-    if mask is None and q.device.type == "cuda":
-        return _cuda_block_backward(dout, q, k, v, out, lse, scale, causal)
-    return _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    if mask is not None or q.device.type not in ("cpu", "cuda"):
+        return _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
 
 
 def _math_block_scores(q, k, scale, causal, mask):
@@ -150,27 +142,34 @@ def _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask):
     return dq.flatten(1, 2), dk, dv
 
 
-# CUDA: PyTorch's FlashAttention-2 kernel for fp16/bf16, its memory-efficient kernel otherwise.
-# Both are called with equal head counts: the KV heads of ONE block are repeated locally (a
-# block-sized copy, after any communication), and the repeated gradients are summed back.
-# This path could not be run on this project's CPU-only machines; it follows the calls that
+# The fused kernels: CPU: PyTorch's flash-attention kernel for CPU. CUDA: FlashAttention-2 for
+# fp16/bf16, the memory-efficient kernel otherwise. Both return the lse and have a backward
+# that takes the final out and lse. They are called with equal head counts: the KV heads of
+# ONE block are repeated locally (a block-sized copy, made after any communication) and the
+# repeated gradients summed back. The CPU kernel accepts fewer KV heads, but runs up to 4x
+# slower that way (it parallelises over KV heads), so both devices share this path.
+# The CUDA calls could not be run on this project's CPU-only machines; they follow the calls
 # PyTorch's own context-parallel code makes (torch.distributed.tensor.experimental).
+
+def _repeat_kv_heads(x, n_heads):
+    """(B, KV, T, D) -> (B, H, T, D), query head h using KV head h // (H / KV), as in Llama."""
+    return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+def _sum_kv_heads(grad, n_kv_heads):
+    """(B, H, T, D) -> (B, KV, T, D): the gradient of _repeat_kv_heads."""
+    return grad if grad.shape[1] == n_kv_heads else grad.unflatten(1, (n_kv_heads, -1)).sum(2)
+
 
 def _cuda_uses_flash(q):
     return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
-def _repeat_kv_heads(x, n_heads):
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
-
-
-def _sum_kv_heads(grad, n_kv_heads):
-    return grad.unflatten(1, (n_kv_heads, -1)).sum(dim=2)
-
-
-def _cuda_block_forward(q, k, v, scale, causal):
+def _fused_block_forward(q, k, v, scale, causal):
     H, Tq = q.shape[1], q.shape[2]
     k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     if _cuda_uses_flash(q):
         out, lse = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)[:2]
@@ -180,9 +179,13 @@ def _cuda_block_forward(q, k, v, scale, causal):
     return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
 
 
-def _cuda_block_backward(dout, q, k, v, out, lse, scale, causal):
+def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
     H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    if q.device.type == "cpu":
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
     # No dropout, so the random-number state the kernels take is never read.
     no_rng = torch.empty((), dtype=torch.long)
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
@@ -191,8 +194,7 @@ def _cuda_block_backward(dout, q, k, v, out, lse, scale, causal):
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
             scale=scale)
     else:
-        padded_rows = -Tq % 32
-        lse = torch.nn.functional.pad(lse, (0, padded_rows))
+        lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
             causal, scale=scale)
@@ -215,7 +217,7 @@ def merge_partial_attention(out, lse, block_out, block_lse):
     reference = _finite_or_zero(merged_lse)
     old_weight = torch.exp(lse - reference).unsqueeze(-1)  # exp(-inf) = 0 for an empty side
     new_weight = torch.exp(block_lse - reference).unsqueeze(-1)
-    out.mul_(old_weight).add_(block_out * new_weight)
+    out.mul_(old_weight).addcmul_(block_out, new_weight)
     lse.copy_(merged_lse)
 
 
