@@ -174,15 +174,16 @@ def needle_tokens(tok, text: str) -> list[int]:
 
 
 def build_sample(tok, length: int, *, chat: bool, head: str, tail: str, answer_prefix: str,
-                 answers: list[str], context_fn, **info) -> dict:
+                 answers: list[str], context_fn, max_new_tokens: int | None = None, **info) -> dict:
     """Assemble prefix + head + context + tail + suffix + answer prefix, with the context sized so
     that the prompt plus the generation budget is exactly `length` tokens.
 
     context_fn(n) -> (context tokens, exactly n of them; needle spans within them; needle depths).
+    max_new_tokens overrides the generation budget measured from the answers.
     """
     prefix, suffix = prompt_frame(tok, chat)
     head_ids, tail_ids, answer_ids = tok.encode(head), tok.encode(tail), tok.encode(answer_prefix)
-    budget = generation_budget(tok, answers)
+    budget = max_new_tokens or generation_budget(tok, answers)
     fixed = len(prefix) + len(head_ids) + len(tail_ids) + len(suffix) + len(answer_ids) + budget
     context, spans, depths = context_fn(length - fixed)
     if len(context) != length - fixed:
@@ -241,8 +242,10 @@ def nearest_word_boundary(tok, tokens: list[int], position: int, radius: int) ->
         p = position + offset
         if p in (0, len(tokens)):
             return p
-        if 0 < p < len(tokens) and (tok.decode([tokens[p - 1]])[-1:].isspace() or tok.decode([tokens[p]])[:1].isspace()):
-            return p
+        if 0 < p < len(tokens):
+            before, after = tok.decode([tokens[p - 1]]), tok.decode([tokens[p]])
+            if before[-1:].isspace() or after[:1].isspace():
+                return p
     return position
 
 
@@ -302,7 +305,8 @@ RULER_NIAH_ANSWER_PREFIX = "The special magic numbers for {key} mentioned in the
 
 
 def make_niah_sample(tok, length: int, depth: float | None, seed: int, haystack: Haystack, *, chat: bool = True,
-                     num_keys: int = 1, num_values: int = 1, num_queries: int = 1, head: str = NIAH_HEAD,
+                     max_new_tokens: int | None = None, num_keys: int = 1, num_values: int = 1,
+                     num_queries: int = 1, head: str = NIAH_HEAD,
                      needle: str = NIAH_NEEDLE, question: str = NIAH_QUESTION,
                      answer_prefix: str = NIAH_ANSWER_PREFIX, task: str = "niah") -> dict:
     """Needles `needle.format(key=..., value=7 random digits)` in real text; the question asks for
@@ -324,12 +328,14 @@ def make_niah_sample(tok, length: int, depth: float | None, seed: int, haystack:
     fill_rng = random.Random(rng.getrandbits(64))
     context_fn = needles_in_haystack(tok, task, length, [needle_tokens(tok, t) for t in texts], depths,
                                      lambda n: haystack.take(n, fill_rng))
-    return build_sample(tok, length, chat=chat, head=head, tail="\n" + question.format(key=query),
+    return build_sample(tok, length, chat=chat, max_new_tokens=max_new_tokens, head=head,
+                        tail="\n" + question.format(key=query),
                         answer_prefix=answer_prefix.format(key=query), answers=answers, context_fn=context_fn,
                         task=task, depth=depth, seed=seed, needles=texts)
 
 
-def make_passkey_sample(tok, length: int, depth: float | None, seed: int, *, chat: bool = True) -> dict:
+def make_passkey_sample(tok, length: int, depth: float | None, seed: int, *, chat: bool = True,
+                        max_new_tokens: int | None = None) -> dict:
     """The classic passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key in repeated filler."""
     rng = random.Random(seed)
     passkey = str(rng.randint(10000, 99999))
@@ -339,12 +345,14 @@ def make_passkey_sample(tok, length: int, depth: float | None, seed: int, *, cha
                                      lambda n: repeated_filler(tok, FILLER, n))
     head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.\n")
-    return build_sample(tok, length, chat=chat, head=head, tail="\nWhat is the pass key?",
+    return build_sample(tok, length, chat=chat, max_new_tokens=max_new_tokens, head=head,
+                        tail="\nWhat is the pass key?",
                         answer_prefix="The pass key is", answers=[passkey], context_fn=context_fn,
                         task="passkey", depth=depth, seed=seed, needles=[text])
 
 
-def make_variable_tracking_sample(tok, length: int, seed: int, *, chat: bool = True, num_chains: int = 1,
+def make_variable_tracking_sample(tok, length: int, seed: int, *, chat: bool = True,
+                                  max_new_tokens: int | None = None, num_chains: int = 1,
                                   num_hops: int = 4) -> dict:
     """RULER's variable tracking: chains "VAR A = 12345", "VAR B = VAR A", ... hidden in filler;
     name every variable that holds the first chain's value. Other chains are distractors."""
@@ -364,7 +372,8 @@ def make_variable_tracking_sample(tok, length: int, seed: int, *, chat: bool = T
     context_fn = needles_in_haystack(tok, "vt", length, [needle_tokens(tok, t) for t in texts], depths,
                                      lambda n: repeated_filler(tok, FILLER, n))
     return build_sample(
-        tok, length, chat=chat, head="Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
+        tok, length, chat=chat, max_new_tokens=max_new_tokens,
+        head="Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
         tail=f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above.",
         answer_prefix=(f"Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1} "
                        f"variables are assigned the value {values[0]}, they are:"),
@@ -391,7 +400,8 @@ def fit_word_list(tok, n_context: int, make_text, task: str, length: int, min_wo
     return ids + repeated_filler(tok, "\n", n_context - len(ids))
 
 
-def make_common_words_sample(tok, length: int, seed: int, *, chat: bool = True, num_common: int = 10) -> dict:
+def make_common_words_sample(tok, length: int, seed: int, *, chat: bool = True,
+                             max_new_tokens: int | None = None, num_common: int = 10) -> dict:
     """RULER's common words extraction: a numbered list where `num_common` words appear 30 times
     and the others 3 times (2..30 and 1 at short lengths); name the common ones."""
     rng = random.Random(seed)
@@ -415,7 +425,7 @@ def make_common_words_sample(tok, length: int, seed: int, *, chat: bool = True, 
         return fit_word_list(tok, n_context, make_text, "cwe", length, min_words=3 * num_common), [], []
 
     return build_sample(
-        tok, length, chat=chat,
+        tok, length, chat=chat, max_new_tokens=max_new_tokens,
         head=("Below is a numbered list of words. In these words, some appear more often than others. "
               "Memorize the ones that appear most often.\n"),
         tail=f"\nQuestion: What are the {num_common} most common words in the above list?",
@@ -423,7 +433,8 @@ def make_common_words_sample(tok, length: int, seed: int, *, chat: bool = True, 
         answers=common, context_fn=context_fn, task="cwe", depth=None, seed=seed)
 
 
-def make_frequent_words_sample(tok, length: int, seed: int, *, chat: bool = True, alpha: float = 2.0) -> dict:
+def make_frequent_words_sample(tok, length: int, seed: int, *, chat: bool = True,
+                               max_new_tokens: int | None = None, alpha: float = 2.0) -> dict:
     """RULER's frequent words extraction: coded words with Zipf(alpha) frequencies, the most
     frequent being the noise '....'; name the next three."""
     rng = random.Random(seed)
@@ -449,7 +460,7 @@ def make_frequent_words_sample(tok, length: int, seed: int, *, chat: bool = True
         return fit_word_list(tok, n_context, make_text, "fwe", length, min_words=80), [], []
 
     return build_sample(
-        tok, length, chat=chat,
+        tok, length, chat=chat, max_new_tokens=max_new_tokens,
         head=("Read the following coded text and track the frequency of each coded word. "
               "Find the three most frequently appeared coded words. "),
         tail=("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
@@ -458,10 +469,11 @@ def make_frequent_words_sample(tok, length: int, seed: int, *, chat: bool = True
         answers=vocab[1:4], context_fn=context_fn, task="fwe", depth=None, seed=seed)
 
 
-def make_ruler_sample(task: str, tok, length: int, seed: int, haystack: Haystack, chat: bool = True) -> dict:
+def make_ruler_sample(task: str, tok, length: int, seed: int, haystack: Haystack, chat: bool = True,
+                      max_new_tokens: int | None = None) -> dict:
     """One RULER task by name, with RULER's default settings (synthetic.yaml)."""
     niah = dict(head=RULER_NIAH_HEAD, needle=RULER_NIAH_NEEDLE, question=RULER_NIAH_QUESTION,
-                answer_prefix=RULER_NIAH_ANSWER_PREFIX, task=task, chat=chat)
+                answer_prefix=RULER_NIAH_ANSWER_PREFIX, task=task, chat=chat, max_new_tokens=max_new_tokens)
     if task == "niah_single":
         return make_niah_sample(tok, length, None, seed, haystack, **niah)
     if task == "niah_multikey":
@@ -471,11 +483,11 @@ def make_ruler_sample(task: str, tok, length: int, seed: int, haystack: Haystack
     if task == "niah_multiquery":
         return make_niah_sample(tok, length, None, seed, haystack, num_keys=4, num_queries=4, **niah)
     if task == "vt":
-        return make_variable_tracking_sample(tok, length, seed, chat=chat)
+        return make_variable_tracking_sample(tok, length, seed, chat=chat, max_new_tokens=max_new_tokens)
     if task == "cwe":
-        return make_common_words_sample(tok, length, seed, chat=chat)
+        return make_common_words_sample(tok, length, seed, chat=chat, max_new_tokens=max_new_tokens)
     if task == "fwe":
-        return make_frequent_words_sample(tok, length, seed, chat=chat)
+        return make_frequent_words_sample(tok, length, seed, chat=chat, max_new_tokens=max_new_tokens)
     raise EvalError(f"unknown RULER task {task!r}; choose from {', '.join(RULER_TASKS)}")
 
 
@@ -518,7 +530,8 @@ def load_jsonl_records(path: str) -> list[dict]:
     return records
 
 
-def make_jsonl_sample(tok, record: dict, max_length: int, *, chat: bool = True, max_new_tokens=None) -> dict:
+def make_jsonl_sample(tok, record: dict, max_length: int, *, chat: bool = True,
+                      max_new_tokens: int | None = None) -> dict:
     """A record's prompt, its context cut in the middle (first and last halves kept, as
     InfiniteBench and LV-Eval do) when prompt + answer would exceed max_length."""
     prefix, suffix = prompt_frame(tok, chat)
@@ -558,7 +571,8 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto"):
         raise EvalError(f"{path} has no tokenizer.json and its vocabulary ({model.args.vocab_size}) is not the "
                         f"built-in tokenizer's ({data.BUILTIN_VOCAB_SIZE})")
     if tok.vocab_size > model.args.vocab_size:
-        raise EvalError(f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only {model.args.vocab_size}")
+        raise EvalError(f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only "
+                        f"{model.args.vocab_size}")
     return model, tok
 
 
@@ -720,7 +734,8 @@ def run_niah(args, model, tok):
         if args.needle else {}
 
     def make(n, d, seed):
-        return make_niah_sample(tok, n, d, seed, haystack, chat=args.chat, **custom)
+        return make_niah_sample(tok, n, d, seed, haystack, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                                **custom)
 
     def score(prediction, answers):
         return {"exact_match": exact_match(prediction, answers),
@@ -731,7 +746,7 @@ def run_niah(args, model, tok):
 
 def run_passkey(args, model, tok):
     def make(n, d, seed):
-        return make_passkey_sample(tok, n, d, seed, chat=args.chat)
+        return make_passkey_sample(tok, n, d, seed, chat=args.chat, max_new_tokens=args.max_new_tokens)
 
     def score(prediction, answers):  # the classic test: is the key in the output
         return {"string_match": ruler_string_match_all(prediction, answers),
@@ -744,8 +759,8 @@ def run_ruler(args, model, tok):
     tasks = args.tasks
     haystack = Haystack(tok, data.build_token_file(args.haystack, tok, args.cache, log=None))
     cells = [(n, t, i) for n in args.lengths for t in tasks for i in range(args.samples)]
-    samples = (make_ruler_sample(t, tok, n, derive_seed(args.seed, "ruler", t, n, i), haystack, chat=args.chat)
-               for n, t, i in cells)
+    samples = (make_ruler_sample(t, tok, n, derive_seed(args.seed, "ruler", t, n, i), haystack, chat=args.chat,
+                                 max_new_tokens=args.max_new_tokens) for n, t, i in cells)
 
     def score(prediction, answers):
         return {"string_match_all": ruler_string_match_all(prediction, answers),
@@ -892,7 +907,8 @@ def parse_depths(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="out/train/hf", help="HF-layout model directory (default: train.py's export)")
+    common.add_argument("--model", default="out/train/hf",
+                        help="HF-layout model directory (default: train.py's export)")
     common.add_argument("--out", default=None, help="output directory (default: out/eval/<task>)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
@@ -903,6 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--beyond-window", default="warn", choices=["warn", "refuse"],
                         help="what to do with a length beyond the model's window")
     common.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill step")
+    common.add_argument("--max-new-tokens", type=int, default=None,
+                        help="generation budget (default: twice the answer's tokens + 8; part of the length)")
     common.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept")
 
     grid = argparse.ArgumentParser(add_help=False)
@@ -930,7 +948,6 @@ def build_parser() -> argparse.ArgumentParser:
     jsonl = sub.add_parser("jsonl", parents=[common], help="a local {context, input, answers} JSONL file")
     jsonl.add_argument("file")
     jsonl.add_argument("--max-length", type=parse_length, default=None, help="default: the model's window")
-    jsonl.add_argument("--max-new-tokens", type=int, default=None, help="default: from the answers' token count")
     plot = sub.add_parser("plot", help="redraw the PNG of an earlier run from its results.json")
     plot.add_argument("dir")
     return p

@@ -237,7 +237,7 @@ def test_chunked_token_losses_match_the_full_forward():
     torch.manual_seed(0)
     m = M.Llama(M.preset("tiny"))
     m.init_weights(seed=0)
-    tokens = torch.randint(0, 256, (300,)).tolist()
+    tokens = torch.randint(0, 256, (200,)).tolist()
     x = torch.tensor(tokens)[None]
     labels = torch.cat([x[:, 1:], torch.full((1, 1), -100)], dim=1)
     reference = m.token_losses(x, labels)[0, :-1]
@@ -248,11 +248,12 @@ def test_chunked_token_losses_match_the_full_forward():
 def test_niah_and_ppl_end_to_end(tiny_dir, cache, tmp_path):
     out = str(tmp_path / "niah")
     argv = ["--model", tiny_dir, "--out", out, "--cache", cache]
-    assert E.main(["niah", *argv, "--lengths", "256,512", "--depths", "0,0.5,1"]) == 0
+    # a short budget keeps the random model's decoding quick; the default budget is tested above
+    assert E.main(["niah", *argv, "--lengths", "256,512", "--depths", "0,0.5,1", "--max-new-tokens", "6"]) == 0
     result = json.load(open(os.path.join(out, "results.json")))
     assert result["task"] == "niah" and result["model"] == tiny_dir and len(result["items"]) == 6
     assert {(it["length"], it["depth"]) for it in result["items"]} == {(n, d) for n in (256, 512) for d in (0, 0.5, 1)}
-    assert all(it["prompt_tokens"] + it["max_new_tokens"] == it["length"] for it in result["items"])
+    assert all(it["prompt_tokens"] + 6 == it["length"] and it["max_new_tokens"] == 6 for it in result["items"])
     assert set(result["items"][0]["scores"]) == {"exact_match", "string_match"}
     assert len(result["aggregate"]["grid"]["scores"]) == 3
     assert os.path.getsize(os.path.join(out, "niah_heatmap.png")) > 0
@@ -273,13 +274,13 @@ def test_niah_and_ppl_end_to_end(tiny_dir, cache, tmp_path):
 
 
 def test_ruler_passkey_jsonl_end_to_end(tiny_dir, cache, tmp_path):
-    argv = ["--model", tiny_dir, "--cache", cache, "--beyond-window", "warn"]
+    argv = ["--model", tiny_dir, "--cache", cache, "--beyond-window", "warn", "--max-new-tokens", "4"]
     out = str(tmp_path / "ruler")
-    assert E.main(["ruler", *argv, "--out", out, "--lengths", "2K", "--samples", "1"]) == 0
+    assert E.main(["ruler", *argv, "--out", out, "--lengths", "1200", "--samples", "1"]) == 0
     result = json.load(open(os.path.join(out, "results.json")))
     assert [it["task"] for it in result["items"]] == E.RULER_TASKS
-    assert set(result["aggregate"]["by_length"]["2K"]) == set(E.RULER_TASKS) | {"average"}
-    assert "RULER at 2K" in open(os.path.join(out, "ruler_tables.md")).read()
+    assert set(result["aggregate"]["by_length"]["1200"]) == set(E.RULER_TASKS) | {"average"}
+    assert "RULER at 1200 tokens" in open(os.path.join(out, "ruler_tables.md")).read()
 
     out = str(tmp_path / "passkey")
     assert E.main(["passkey", *argv, "--out", out, "--lengths", "512", "--depths", "0.5"]) == 0
@@ -309,7 +310,7 @@ def test_missing_matplotlib_still_writes_the_data(tiny_dir, cache, tmp_path, mon
     monkeypatch.setattr(E, "pyplot", lambda: None)
     out = str(tmp_path / "niah")
     assert E.main(["niah", "--model", tiny_dir, "--out", out, "--cache", cache, "--lengths", "256",
-                   "--depths", "0.5"]) == 0
+                   "--depths", "0.5", "--max-new-tokens", "2"]) == 0
     assert os.path.exists(os.path.join(out, "results.json"))
     assert not os.path.exists(os.path.join(out, "niah_heatmap.png"))
     assert f"python eval.py plot {out}" in capsys.readouterr().out
