@@ -87,9 +87,9 @@ def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     Uses PyTorch's fused kernel for the device (CPU or CUDA); masked blocks and other devices
     use the math path, which is exact and handles rows that see no key.
     """
-    if mask is not None or q.device.type not in ("cpu", "cuda"):
-        return _math_block_forward(q, k, v, scale, causal, mask)
-    return _fused_block_forward(q, k, v, scale, causal)
+    if mask is None and q.device.type in ("cpu", "cuda"):
+        return _fused_block_forward(q, k, v, scale, causal)
+    return _math_block_forward(q, k, v, scale, _visible_keys(q, k, causal, mask))
 
 
 def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=None):
@@ -99,47 +99,68 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
     blocks simply add up: this is what makes chunked and ring backward passes exact.
     dk/dv come back with KV heads.
     """
-    if mask is not None or q.device.type not in ("cpu", "cuda"):
-        return _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask)
-    return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
+    if mask is None and q.device.type in ("cpu", "cuda"):
+        return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
+    return _math_block_backward(dout, q, k, v, out, lse, scale,
+                                _visible_keys(q, k, causal, mask))
 
 
-def _math_block_scores(q, k, scale, causal, mask):
-    """Masked scores (B, KV, G, Tq, Tk) in fp32, grouping the G query heads of each KV head."""
-    B, H, Tq, D = q.shape
-    KV, Tk = k.shape[1], k.shape[2]
-    q_grouped = q.float().unflatten(1, (KV, H // KV))  # (B, KV, G, Tq, D)
-    scores = q_grouped @ k.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, KV, G, Tq, Tk)
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+# The math path materialises its scores, so it runs MATH_ROWS query rows at a time: at most
+# (B, H, MATH_ROWS, Tk) fp32 scores at once (256 MiB for 32 heads and 4096 keys).
+MATH_ROWS = 512
+
+
+def _visible_keys(q, k, causal, mask):
+    """(B or 1, Tq, Tk) bool: which keys each query may attend to in this block."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    visible = torch.ones(1, Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
         visible = visible.tril(diagonal=Tk - Tq)
-    if mask is not None:
-        visible = visible & mask[:, None, None]  # (B, 1, 1, Tq, Tk)
-    return scores.masked_fill(~visible, float("-inf"))
+    return visible if mask is None else visible & mask
 
 
-def _math_block_forward(q, k, v, scale, causal, mask):
-    scores = _math_block_scores(q, k, scale, causal, mask)
-    lse = scores.logsumexp(dim=-1)  # (B, KV, G, Tq), -inf where a row sees nothing
-    probs = torch.exp(scores - _finite_or_zero(lse)[..., None])
-    out = probs @ v.float().unsqueeze(2)  # (B, KV, G, Tq, D)
-    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
-
-
-def _math_block_backward(dout, q, k, v, out, lse, scale, causal, mask):
+def _math_scores(q, k, scale, visible):
+    """Masked scores (B, KV, G, Tq, Tk) in fp32, grouping the G query heads of each KV head
+    instead of repeating the KV heads."""
     KV = k.shape[1]
-    scores = _math_block_scores(q, k, scale, causal, mask)
-    lse = _finite_or_zero(lse.float().unflatten(1, (KV, -1)))  # (B, KV, G, Tq)
-    probs = torch.exp(scores - lse[..., None])  # (B, KV, G, Tq, Tk), softmax of the FULL row
-    dout = dout.float().unflatten(1, (KV, -1))  # (B, KV, G, Tq, D)
-    out = out.float().unflatten(1, (KV, -1))
-    dv = (probs.transpose(-1, -2) @ dout).sum(dim=2)  # (B, KV, Tk, D)
-    dprobs = dout @ v.float().unsqueeze(2).transpose(-1, -2)  # (B, KV, G, Tq, Tk)
-    row_dot = (dout * out).sum(dim=-1, keepdim=True)  # (B, KV, G, Tq, 1)
-    dscores = probs * (dprobs - row_dot) * scale
-    dq = dscores @ k.float().unsqueeze(2)  # (B, KV, G, Tq, D)
-    dk = (dscores.transpose(-1, -2) @ q.float().unflatten(1, (KV, -1))).sum(dim=2)
-    return dq.flatten(1, 2), dk, dv
+    q_grouped = q.float().unflatten(1, (KV, -1))  # (B, KV, G, Tq, D)
+    scores = q_grouped @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+    return scores.masked_fill(~visible[:, None, None], float("-inf"))
+
+
+def _math_block_forward(q, k, v, scale, visible):
+    B, H, Tq, D = q.shape
+    out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    for start in range(0, Tq, MATH_ROWS):
+        rows = slice(start, start + MATH_ROWS)
+        scores = _math_scores(q[:, :, rows], k, scale, visible[:, rows])
+        rows_lse = scores.logsumexp(dim=-1)  # (B, KV, G, rows), -inf where a row sees nothing
+        probs = torch.exp(scores - _finite_or_zero(rows_lse)[..., None])
+        out[:, :, rows] = (probs @ v.float().unsqueeze(2)).flatten(1, 2)
+        lse[:, :, rows] = rows_lse.flatten(1, 2)
+    return out, lse
+
+
+def _math_block_backward(dout, q, k, v, out, lse, scale, visible):
+    KV = k.shape[1]
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for start in range(0, q.shape[2], MATH_ROWS):
+        rows = slice(start, start + MATH_ROWS)
+        scores = _math_scores(q[:, :, rows], k, scale, visible[:, rows])
+        rows_lse = _finite_or_zero(lse[:, :, rows].float().unflatten(1, (KV, -1)))
+        probs = torch.exp(scores - rows_lse[..., None])  # softmax over the FULL row's keys
+        rows_dout = dout[:, :, rows].float().unflatten(1, (KV, -1))  # (B, KV, G, rows, D)
+        rows_out = out[:, :, rows].float().unflatten(1, (KV, -1))
+        dv += (probs.transpose(-1, -2) @ rows_dout).sum(dim=2)  # (B, KV, Tk, D)
+        dprobs = rows_dout @ v.float().unsqueeze(2).transpose(-1, -2)  # (B, KV, G, rows, Tk)
+        row_dot = (rows_dout * rows_out).sum(dim=-1, keepdim=True)  # (B, KV, G, rows, 1)
+        dscores = probs * (dprobs - row_dot) * scale
+        dq[:, :, rows] = (dscores @ k.float().unsqueeze(2)).flatten(1, 2)
+        dk += (dscores.transpose(-1, -2) @ q[:, :, rows].float().unflatten(1, (KV, -1))).sum(2)
+    return dq, dk, dv
 
 
 # The fused kernels: CPU: PyTorch's flash-attention kernel for CPU. CUDA: FlashAttention-2 for

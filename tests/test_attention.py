@@ -8,6 +8,7 @@ gradients, and reports every failure back to the parent, where the test asserts.
 import math
 import socket
 import traceback
+from functools import partial
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import attention
 from attention import (
-    _attention_tiles, _math_block_backward, _math_block_forward, attention_block_backward,
-    attention_block_forward, chunked_attention, merge_partial_attention, reference_attention,
-    ring_attention, zigzag_indices, zigzag_shard, zigzag_unshard,
+    _attention_tiles, attention_block_backward, attention_block_forward, chunked_attention,
+    merge_partial_attention, reference_attention, ring_attention, zigzag_indices, zigzag_shard,
+    zigzag_unshard,
 )
 
 TOLERANCE = 1e-5  # relative error, fp32
@@ -86,10 +88,11 @@ def _heads(x):
 def test_block_forward_and_backward(kernel, causal):
     q, k, v, dout = random_qkv(2, 20, 20, 4, 2)
     scale = 1 / math.sqrt(q.shape[-1])
-    forward = attention_block_forward if kernel == "fused" else (
-        lambda q, k, v, scale, causal: _math_block_forward(q, k, v, scale, causal, None))
-    backward = attention_block_backward if kernel == "fused" else (
-        lambda *args: _math_block_backward(*args, None))
+    forward, backward = attention_block_forward, attention_block_backward
+    if kernel == "math":  # the path of masked blocks, here with a mask that hides nothing
+        hides_nothing = torch.ones(2, 20, 20, dtype=torch.bool)
+        forward = partial(attention_block_forward, mask=hides_nothing)
+        backward = partial(attention_block_backward, mask=hides_nothing)
     out, lse = forward(_heads(q), _heads(k), _heads(v), scale, causal)
     grads = backward(_heads(dout), _heads(q), _heads(k), _heads(v), out, lse, scale, causal)
     expected_out, expected_lse = reference_attention(q, k, v, causal)
@@ -99,14 +102,16 @@ def test_block_forward_and_backward(kernel, causal):
     assert_close([_heads(g) for g in grads], expected_grads, names=("dq", "dk", "dv"))
 
 
-def test_math_block_with_document_mask():
+@pytest.mark.parametrize("math_rows", [512, 3])  # 3: the math path's row chunks, uneven
+def test_math_block_with_document_mask(math_rows, monkeypatch):
+    monkeypatch.setattr(attention, "MATH_ROWS", math_rows)
     q, k, v, dout = random_qkv(2, 20, 20, 4, 2)
     doc_ids = document_ids(2, 20, contiguous=False)
     mask = doc_ids[:, :, None] == doc_ids[:, None, :]
     scale = 1 / math.sqrt(q.shape[-1])
-    out, lse = _math_block_forward(_heads(q), _heads(k), _heads(v), scale, True, mask)
-    grads = _math_block_backward(_heads(dout), _heads(q), _heads(k), _heads(v), out, lse, scale,
-                                 True, mask)
+    out, lse = attention_block_forward(_heads(q), _heads(k), _heads(v), scale, True, mask)
+    grads = attention_block_backward(_heads(dout), _heads(q), _heads(k), _heads(v), out, lse,
+                                     scale, True, mask)
     expected = reference_output_and_grads(q, k, v, dout, True, doc_ids)
     assert_close([_heads(out)] + [_heads(g) for g in grads], expected)
 
@@ -132,8 +137,8 @@ def test_merge_is_safe_with_fully_masked_blocks():
     scale = 1 / math.sqrt(q.shape[-1])
     # A block that hides every key, as the document mask does between two documents.
     hide_everything = torch.zeros(1, 8, 8, dtype=torch.bool)
-    empty_out, empty_lse = _math_block_forward(_heads(q), _heads(k), _heads(v), scale, False,
-                                               hide_everything)
+    empty_out, empty_lse = attention_block_forward(_heads(q), _heads(k), _heads(v), scale,
+                                                   mask=hide_everything)
     assert torch.isneginf(empty_lse).all() and (empty_out == 0).all()
 
     # empty + empty stays empty, with no NaN
