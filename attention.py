@@ -283,14 +283,23 @@ def _tile_document_mask(q_doc, k_doc, is_diagonal):
     return None if hides_nothing else same_doc
 
 
+def _visible_tiles(n_queries, n_keys, causal, q_doc, k_doc, block_size):
+    """_attention_tiles with each tile's document mask, without the tiles it hides entirely
+    (a query block and a key block from different documents)."""
+    for rows, cols, is_diagonal in _attention_tiles(n_queries, n_keys, causal, block_size):
+        if q_doc is None:
+            yield rows, cols, is_diagonal, None
+            continue
+        mask = _tile_document_mask(q_doc[:, rows], k_doc[:, cols], is_diagonal)
+        if mask is None or mask.any():
+            yield rows, cols, is_diagonal, mask
+
+
 def _tiles_forward(q, k, v, out, lse, causal, q_doc, k_doc, scale, block_size):
-    """Attend q (B, H, Tq, D) to k/v (B, KV, Tk, D) tile by tile, merging into out/lse in place."""
-    for rows, cols, is_diagonal in _attention_tiles(q.shape[2], k.shape[2], causal, block_size):
-        mask = _tile_document_mask(
-            None if q_doc is None else q_doc[:, rows],
-            None if k_doc is None else k_doc[:, cols], is_diagonal)
-        if mask is not None and not mask.any():
-            continue  # a tile between two different documents: nothing to do
+    """Attend q (B, H, Tq, D) to k/v (B, KV, Tk, D) tile by tile, merging into out (B, H, Tq, D)
+    and lse (B, H, Tq), both fp32, in place."""
+    for rows, cols, is_diagonal, mask in _visible_tiles(
+            q.shape[2], k.shape[2], causal, q_doc, k_doc, block_size):
         block_out, block_lse = attention_block_forward(
             q[:, :, rows], k[:, :, cols], v[:, :, cols], scale, is_diagonal, mask)
         merge_partial_attention(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
@@ -299,12 +308,8 @@ def _tiles_forward(q, k, v, out, lse, causal, q_doc, k_doc, scale, block_size):
 def _tiles_backward(dout, q, k, v, out, lse, dq, dk, dv, causal, q_doc, k_doc, scale,
                     block_size):
     """The gradients of _tiles_forward, added into the fp32 accumulators dq, dk, dv."""
-    for rows, cols, is_diagonal in _attention_tiles(q.shape[2], k.shape[2], causal, block_size):
-        mask = _tile_document_mask(
-            None if q_doc is None else q_doc[:, rows],
-            None if k_doc is None else k_doc[:, cols], is_diagonal)
-        if mask is not None and not mask.any():
-            continue
+    for rows, cols, is_diagonal, mask in _visible_tiles(
+            q.shape[2], k.shape[2], causal, q_doc, k_doc, block_size):
         block_dq, block_dk, block_dv = attention_block_backward(
             dout[:, :, rows], q[:, :, rows], k[:, :, cols], v[:, :, cols],
             out[:, :, rows], lse[:, :, rows].contiguous(), scale, is_diagonal, mask)
