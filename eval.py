@@ -729,7 +729,7 @@ def run_depth_grid(args, model, tok, task: str, make_sample, score, metric: str)
 
 
 def run_niah(args, model, tok):
-    haystack = Haystack(tok, data.build_token_file(args.haystack, tok, args.cache, log=None))
+    haystack = Haystack(tok, data.build_token_file(args.haystack, tok, args.cache))
     custom = dict(needle=args.needle, question=args.question, answer_prefix=args.answer_prefix or "") \
         if args.needle else {}
 
@@ -757,7 +757,7 @@ def run_passkey(args, model, tok):
 
 def run_ruler(args, model, tok):
     tasks = args.tasks
-    haystack = Haystack(tok, data.build_token_file(args.haystack, tok, args.cache, log=None))
+    haystack = Haystack(tok, data.build_token_file(args.haystack, tok, args.cache))
     cells = [(n, t, i) for n in args.lengths for t in tasks for i in range(args.samples)]
     samples = (make_ruler_sample(t, tok, n, derive_seed(args.seed, "ruler", t, n, i), haystack, chat=args.chat,
                                  max_new_tokens=args.max_new_tokens) for n, t, i in cells)
@@ -787,9 +787,9 @@ def pick_documents(tok, token_file, length: int, n_docs: int, seed: int):
     """n_docs sequences of `length` tokens: documents at least that long, seeded choice; when the
     corpus has too few, the rest are documents joined by blank lines (said in the output)."""
     rng = random.Random(seed)
-    long_docs = [i for i in range(token_file.n_docs) if token_file.lengths[i] >= length]
+    long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
     chosen = rng.sample(long_docs, min(n_docs, len(long_docs)))
-    sequences = [(f"document {i}", token_file.doc(i)[:length].tolist()) for i in chosen]
+    sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen]
     if len(sequences) < n_docs:
         print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the other "
               f"{n_docs - len(sequences)} sequences join shorter documents with blank lines")
@@ -802,7 +802,7 @@ def pick_documents(tok, token_file, length: int, n_docs: int, seed: int):
 def run_ppl(args, model, tok):
     length = max(args.lengths)
     bucket = args.bucket or max(1, length // 16)
-    token_file = data.build_token_file(args.data, tok, args.cache, log=None)
+    token_file = data.build_token_file(args.data, tok, args.cache)
     sequences = pick_documents(tok, token_file, length, args.docs, args.seed)
     n_buckets = math.ceil((length - 1) / bucket)
     sums, counts, items = np.zeros(n_buckets), np.zeros(n_buckets), []
@@ -886,11 +886,10 @@ def plot_saved(args):
 # CLI
 
 TASKS = {"niah": run_niah, "ruler": run_ruler, "passkey": run_passkey, "ppl": run_ppl, "jsonl": run_jsonl}
-SETTINGS_SKIP = {"func"}
 
 
 def settings(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in SETTINGS_SKIP}
+    return dict(vars(args))
 
 
 def parse_depths(text: str) -> list[float]:
@@ -923,25 +922,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generation budget (default: twice the answer's tokens + 8; part of the length)")
     common.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept")
 
-    grid = argparse.ArgumentParser(add_help=False)
-    grid.add_argument("--lengths", default=None, help="comma-separated, e.g. 1K,4K,16K (default: window/8 .. window)")
-    grid.add_argument("--samples", type=int, default=1, help="samples per cell")
+    lengths = argparse.ArgumentParser(add_help=False)
+    lengths.add_argument("--lengths", default=None,
+                         help="comma-separated, e.g. 1K,4K,16K (default: window/8, /4, /2 and the window)")
+    samples = argparse.ArgumentParser(add_help=False)
+    samples.add_argument("--samples", type=int, default=1, help="samples per cell")
 
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
     sub = p.add_subparsers(dest="task", required=True)
-    niah = sub.add_parser("niah", parents=[common, grid], help="needle in a haystack: length x depth heatmap")
+    niah = sub.add_parser("niah", parents=[common, lengths, samples], help="needle in a haystack: length x depth heatmap")
     niah.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
     niah.add_argument("--haystack", nargs="+", default=None,
                       help="text files / directories / globs for the haystack (default: the built-in corpus)")
     niah.add_argument("--needle", default=None, help="your needle, containing {value} (and optionally {key})")
     niah.add_argument("--question", default=None, help="the question that goes with --needle ({key} allowed)")
     niah.add_argument("--answer-prefix", default=None, help="text the answer starts with, after the question")
-    ruler = sub.add_parser("ruler", parents=[common, grid], help="RULER-style synthetic tasks, a table per length")
+    ruler = sub.add_parser("ruler", parents=[common, lengths, samples], help="RULER-style synthetic tasks, a table per length")
     ruler.add_argument("--tasks", default="all", help=f"comma-separated from {','.join(RULER_TASKS)} (default: all)")
     ruler.add_argument("--haystack", nargs="+", default=None, help="haystack text for the niah tasks")
-    passkey = sub.add_parser("passkey", parents=[common, grid], help="passkey retrieval in filler text")
+    passkey = sub.add_parser("passkey", parents=[common, lengths, samples], help="passkey retrieval in filler text")
     passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    ppl = sub.add_parser("ppl", parents=[common, grid], help="perplexity by position, bucketed")
+    ppl = sub.add_parser("ppl", parents=[common, lengths],
+                         help="perplexity by position, bucketed (sequences of the largest --lengths)")
     ppl.add_argument("--docs", type=int, default=4, help="sequences to average over")
     ppl.add_argument("--bucket", type=parse_length, default=None, help="bucket width, e.g. 1K (default: length/16)")
     ppl.add_argument("--data", nargs="+", default=None, help="documents (default: the built-in corpus)")
@@ -973,8 +975,14 @@ def fill_defaults(args, window: int):
     if getattr(args, "needle", None) is not None:
         if "{value}" not in args.needle or not args.question:
             raise EvalError("--needle must contain {value} and come with --question")
-    if getattr(args, "samples", 1) < 1:
-        raise EvalError("--samples must be at least 1")
+        for text in (args.needle, args.question, args.answer_prefix or ""):
+            try:
+                text.format(key="k", value="v")
+            except (KeyError, IndexError, ValueError):
+                raise EvalError(f"{text!r} may use {{key}} and {{value}} but no other braces") from None
+    for name in ("samples", "docs", "bucket", "max_new_tokens", "max_length"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
