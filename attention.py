@@ -484,7 +484,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world_size):
             if step + 1 < world_size:
                 exchange.start(block)
-            kv, block_doc = block[0], block[1] if doc_ids is not None else None
+            kv, block_doc = block[0], (None if doc_ids is None else block[1])
             rows, kv_rows, tile_causal = _ring_step_tiles(
                 rank, (rank - step) % world_size, T, causal)
             _tiles_forward(q_heads[:, :, rows], _head_major(kv[0][:, kv_rows]),
@@ -515,7 +515,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world_size):
             if step + 1 < world_size:
                 kv_exchange.start(block)
-            kv, block_doc = block[0], block[1] if doc_ids is not None else None
+            kv, block_doc = block[0], (None if doc_ids is None else block[1])
             # This rank's share of the current block's gradient: (2, B, T, KV, D) fp32.
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             rows, kv_rows, tile_causal = _ring_step_tiles(
@@ -553,14 +553,13 @@ def _rank_in_group(group):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("ring attention and zigzag sharding need torch.distributed to be "
                          "initialised (dist.init_process_group) before they are called.")
-    group = dist.group.WORLD if group is None else group
-    group_size, world_size = group.size(), dist.get_world_size()
+    group_size, world_size = dist.get_world_size(group), dist.get_world_size()
+    if group_size < 0:
+        raise ValueError("this process is not a member of the process group it was given.")
     if group_size > world_size:
         raise ValueError(f"the process group has {group_size} ranks but the world has only "
                          f"{world_size} processes.")
     rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of the process group it was given.")
     return rank, group_size
 
 

@@ -263,30 +263,43 @@ class _GroupLargerThanTheWorld:
         return 1024
 
 
+def _compare_ring_with_reference(group, case):
+    """Failure messages (none if all is well) of ring attention on `group` for one case."""
+    seq, n_heads, n_kv_heads, causal, documents, block_size = case
+    q, k, v, dout = random_qkv(2, seq, seq, n_heads, n_kv_heads, seed=seq)
+    doc_ids = None if documents is None else document_ids(2, seq,
+                                                          contiguous=documents == "packed")
+    expected = reference_output_and_grads(q, k, v, dout, causal, doc_ids)
+
+    def shard(x):
+        return zigzag_shard(x, 1, group)
+
+    local_doc_ids = None if doc_ids is None else shard(doc_ids)
+    local = output_and_grads(
+        lambda q, k, v: ring_attention(q, k, v, group, causal, local_doc_ids,
+                                       block_size=block_size),
+        shard(q), shard(k), shard(v), shard(dout))
+    failures = []
+    for name, a, e in zip(("out", "dq", "dk", "dv"), local, expected):
+        error = relative_error(zigzag_unshard(a, 1, group), e)
+        if not error <= TOLERANCE:
+            failures.append(f"rank {dist.get_rank()} of a cp group of {dist.get_world_size(group)}"
+                            f", case {case}: {name} relative error {error:.2e}")
+    return failures
+
+
 def _ring_checks(rank, world_size):
     """Every check one rank makes; returns a list of failure messages."""
     group = dist.group.WORLD
     failures = []
     for case in RING_CASES:
-        seq, n_heads, n_kv_heads, causal, documents, block_size = case
-        q, k, v, dout = random_qkv(2, seq, seq, n_heads, n_kv_heads, seed=seq)
-        doc_ids = None if documents is None else document_ids(
-            2, seq, contiguous=documents == "packed")
-        expected = reference_output_and_grads(q, k, v, dout, causal, doc_ids)
+        failures += _compare_ring_with_reference(group, case)
 
-        def shard(x):
-            return zigzag_shard(x, 1, group)
-
-        local_doc_ids = None if doc_ids is None else shard(doc_ids)
-        local = output_and_grads(
-            lambda q, k, v: ring_attention(q, k, v, group, causal, local_doc_ids,
-                                           block_size=block_size),
-            shard(q), shard(k), shard(v), shard(dout))
-        for name, a, e in zip(("out", "dq", "dk", "dv"), local, expected):
-            error = relative_error(zigzag_unshard(a, 1, group), e)
-            if not error <= TOLERANCE:
-                failures.append(f"rank {rank}/{world_size} case {case}: {name} relative error "
-                                f"{error:.2e}")
+    if world_size == 4:
+        # a 2 (dp) x 2 (cp) mesh: rings over the groups {0, 1} and {2, 3}, whose ranks in the
+        # group differ from their global ranks
+        cp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        failures += _compare_ring_with_reference(cp_groups[rank // 2], RING_CASES[2])
 
     # sharding: positions follow their tokens, and unshard inverts shard for any dtype
     positions = zigzag_shard(torch.arange(16), 0, group)
