@@ -40,6 +40,8 @@ Stage 1
     separator_ids(tok, separator="<s>") -> list[int]     "<s>" | "bos" | "eos" | "none"
     PackedDataset(token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False)
         ds[i] -> dict(tokens, labels, positions, doc_ids), each a LongTensor of shape (ctx,)
+        ds.read(i, start, stop, out=None)   the same for positions [start, stop) (a cp chunk)
+        ds.read_stream(i) -> (ctx+1,) uint32 array: the packed tokens alone
 
 Stage 2
     synthetic_chat(n, seed=0, split="train") -> list[messages]     SYNTHETIC tasks for the CPU demo
@@ -47,7 +49,7 @@ Stage 2
                 log=print)                                          the same dict as PackedDataset
 
 Loading
-    zigzag_indices(seq_len, cp_rank, cp_size) -> LongTensor
+    zigzag_indices(seq_len, cp_rank, cp_size) -> LongTensor   (attention.py's, re-exported)
     Loader(dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0, shuffle=True,
            drop_last=False, epochs=None)
         yields dicts of (batch_size, ctx // cp_size) LongTensors; state_dict() / load_state_dict()
@@ -74,12 +76,15 @@ import torch
 import tokenizers
 from tqdm import tqdm
 
+from attention import zigzag_indices  # noqa: F401  (re-exported: one sharding permutation everywhere)
+
 
 class DataError(ValueError):
     """Bad input data or settings, said in one sentence (naming the file and line when there is one)."""
 
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy default)
+BATCH_KEYS = ("tokens", "labels", "positions", "doc_ids")  # what every dataset item and batch holds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -925,6 +930,12 @@ def _length_histogram(before, after, short, long, budget_tokens):
 # Stage 1: packing
 # ----------------------------------------------------------------------------------------------
 
+def _empty_batch_tensors(*shape):
+    """Four int64 tensors to fill, allocated by numpy: for tens of MB it asks the kernel for huge
+    pages, which fill several times faster here than torch.empty's fresh 4 KB pages."""
+    return {key: torch.from_numpy(np.empty(shape, dtype=np.int64)) for key in BATCH_KEYS}
+
+
 SEPARATORS = ("<s>", "bos", "eos", "none")
 
 
@@ -1006,58 +1017,99 @@ class PackedDataset:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_fd"] = None
+        state["_scratch_buffer"] = state["_count_up_buffer"] = None
         return state
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
             os.close(self._fd)
 
-    def read(self, i, start, stop):
-        """Positions [start, stop) of sequence i (what one context-parallel chunk needs)."""
+    def _check_index(self, i):
         if not 0 <= i < self.n_sequences:
             raise IndexError(f"sequence {i} is out of range for {self.n_sequences} sequences")
-        n = stop - start
-        first = i * self.ctx + start  # stream position of tokens[start]
-        raw = np.empty(n + 1, dtype=np.uint32)  # (n+1,) stream tokens; raw[1:] are the labels
-        doc_ids = np.empty(n + 1, dtype=np.int64)
-        positions = np.empty(n, dtype=np.int64)
-        have = max(0, min(n + 1, self.stream_len - first))  # stream tokens that exist; the rest is padding
+
+    def _assemble(self, first, raw):
+        """Fills raw (uint32) with the stream from position `first` on: documents read from the
+        token file, separators after them, nothing past the stream's end. Returns the pieces as
+        (where in raw, how many, document k, stream position) and how many tokens exist."""
+        have = max(0, min(len(raw), self.stream_len - first))  # the rest is past the stream
         fd = self._file()
+        pieces = []
         k = int(np.searchsorted(self.doc_starts, first, side="right")) - 1
         filled = 0
         while filled < have:
-            doc_start, doc_end = self.doc_starts[k], self.doc_starts[k + 1]
-            body_end = doc_start + self.doc_lengths[k]
+            doc_start, doc_end = int(self.doc_starts[k]), int(self.doc_starts[k + 1])
+            body_end = doc_start + int(self.doc_lengths[k])
             at = first + filled  # stream position being filled
-            take = int(min(doc_end, first + have) - at)
-            if at < body_end:  # inside the document's own tokens
-                from_body = int(min(body_end, first + have) - at)
-                _read_tokens_into(fd, raw[filled : filled + from_body], int(self.doc_offsets[k] + at - doc_start))
+            take = min(doc_end, first + have) - at
+            if at < body_end:  # inside the document's own tokens, then maybe its separator
+                from_body = min(body_end, first + have) - at
+                _read_tokens_into(fd, raw[filled : filled + from_body], int(self.doc_offsets[k]) + at - doc_start)
                 raw[filled + from_body : filled + take] = self.sep[: take - from_body]
-            else:  # inside the separator after it
+            else:  # inside the separator that follows it
                 raw[filled : filled + take] = self.sep[at - body_end : at - body_end + take]
-            doc_ids[filled : filled + take] = k
-            if self.doc_mask:
-                since = max(doc_start, first - start)  # restart at the document or the sequence start
-                positions_end = min(filled + take, n)
-                positions[filled:positions_end] = np.arange(at - since, at - since + positions_end - filled)
+            pieces.append((filled, take, k, at))
             filled += take
             k += 1
+        return pieces, have
+
+    def read_stream(self, i, start=0, stop=None, out=None):
+        """The packing itself: stream tokens [start, stop + 1) of sequence i as a (stop-start+1,)
+        uint32 array (inputs, and the labels shifted by one), padded with pad_id past the stream.
+        4 bytes a token: the compact form to ship elsewhere."""
+        self._check_index(i)
+        stop = self.ctx if stop is None else stop
+        raw = np.empty(stop - start + 1, dtype=np.uint32) if out is None else out
+        _, have = self._assemble(i * self.ctx + start, raw)
         raw[have:] = self.pad_id
-        doc_ids[have:] = -1
+        return raw
+
+    def read(self, i, start, stop, out=None):
+        """Positions [start, stop) of sequence i (what one context-parallel chunk needs).
+
+        out: optional dict of four (stop - start,) int64 tensors to fill in place; the loader
+        passes rows of its batch, so a multi-million-token sequence is written once, not copied.
+        """
+        self._check_index(i)
+        n = stop - start
+        if out is None:
+            out = _empty_batch_tensors(n)
+        tokens, labels, positions, doc_ids = (out[key].numpy() for key in BATCH_KEYS)  # (n,) each
+        raw = self._scratch(n + 1)  # (n+1,) uint32 stream tokens; raw[1:] are the labels
+        sequence_start = i * self.ctx
+        pieces, have = self._assemble(sequence_start + start, raw)
+        real = min(have, n)  # inputs that come from the stream
+        tokens[:real] = raw[:real]
+        tokens[real:] = self.pad_id
+        labels[: max(have - 1, 0)] = raw[1:have]
+        labels[max(have - 1, 0) :] = IGNORE_INDEX  # no next token beyond the stream
+        count_up = self._count_up()
+        for filled, take, k, at in pieces:
+            end = min(filled + take, n)  # raw's last token is a label only
+            doc_ids[filled:end] = k
+            if self.doc_mask:  # restart at the document's start, or the sequence's
+                since = max(int(self.doc_starts[k]), sequence_start)
+                positions[filled:end] = count_up[at - since : at - since + end - filled]
+        doc_ids[real:] = -1
         if self.doc_mask:
-            positions[min(have, n):] = np.arange(n - min(have, n))
+            positions[real:] = count_up[: n - real]
         else:
-            positions[:] = np.arange(start, stop)
-        tokens = torch.from_numpy(raw[:-1].astype(np.int64))
-        labels = torch.from_numpy(raw[1:].astype(np.int64))
-        labels[max(have - 1, 0):] = IGNORE_INDEX  # no next token beyond the stream
-        return {
-            "tokens": tokens,  # (n,)
-            "labels": labels,  # (n,) labels[j] = the token after tokens[j]
-            "positions": torch.from_numpy(positions),  # (n,)
-            "doc_ids": torch.from_numpy(doc_ids[:-1]),  # (n,)
-        }
+            positions[:] = count_up[start:stop]
+        return out
+
+    # Buffers kept across reads: allocating and faulting in 16-32 MB afresh on every 4M-token read
+    # would cost more than filling them.
+    def _scratch(self, size):
+        """A uint32 staging buffer for the stream tokens."""
+        if getattr(self, "_scratch_buffer", None) is None or len(self._scratch_buffer) < size:
+            self._scratch_buffer = np.empty(size, dtype=np.uint32)
+        return self._scratch_buffer[:size]
+
+    def _count_up(self):
+        """0, 1, ..., ctx: positions are copied out of it."""
+        if getattr(self, "_count_up_buffer", None) is None:
+            self._count_up_buffer = np.arange(self.ctx + 1, dtype=np.int64)
+        return self._count_up_buffer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1229,8 +1281,8 @@ class ChatDataset:
     def __getitem__(self, i):
         return self.read(i, 0, self.ctx)
 
-    def read(self, i, start, stop):
-        """Positions [start, stop) of row i."""
+    def read(self, i, start, stop, out=None):
+        """Positions [start, stop) of row i; `out` as in PackedDataset.read."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} is out of range for {len(self)} rows")
         tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
@@ -1252,12 +1304,12 @@ class ChatDataset:
         # labels[j] is tokens[j+1] when that token is trainable. A conversation's first token
         # (<|begin_of_text|>) never is, so no label crosses from one conversation to the next.
         labels = np.where(trainable[1:], np.append(tokens[1:], self.pad_id), IGNORE_INDEX)
-        return {
-            "tokens": torch.from_numpy(tokens[start:stop].copy()),
-            "labels": torch.from_numpy(labels[start:stop].copy()),
-            "positions": torch.from_numpy(positions[start:stop].copy()),
-            "doc_ids": torch.from_numpy(doc_ids[start:stop].copy()),
-        }
+        row = {"tokens": tokens, "labels": labels, "positions": positions, "doc_ids": doc_ids}
+        if out is None:
+            return {key: torch.from_numpy(row[key][start:stop].copy()) for key in BATCH_KEYS}
+        for key in BATCH_KEYS:
+            out[key].numpy()[:] = row[key][start:stop]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1265,8 +1317,9 @@ class ChatDataset:
 # ----------------------------------------------------------------------------------------------
 
 def _zigzag_ranges(seq_len, cp_rank, cp_size):
-    """The two [start, stop) chunks of 2*cp_size that rank cp_rank holds: r and 2*cp_size-1-r.
-    Pairing an early chunk with a late one gives every rank the same causal-attention work."""
+    """The two [start, stop) chunks of 2*cp_size that rank cp_rank holds: r and 2*cp_size-1-r,
+    the same split as attention.zigzag_indices (tests check it), as ranges so that the loader
+    reads only those chunks of a multi-million-token sequence."""
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
         raise DataError(f"cp_rank must be in [0, cp_size), not cp_rank={cp_rank}, cp_size={cp_size}")
     if seq_len % (2 * cp_size):
@@ -1274,11 +1327,6 @@ def _zigzag_ranges(seq_len, cp_rank, cp_size):
     chunk = seq_len // (2 * cp_size)
     late = 2 * cp_size - 1 - cp_rank
     return [(cp_rank * chunk, (cp_rank + 1) * chunk), (late * chunk, (late + 1) * chunk)]
-
-
-def zigzag_indices(seq_len, cp_rank, cp_size):
-    """Indices of the positions that context-parallel rank cp_rank holds, e.g. [0,1,6,7] for 8 / 2."""
-    return torch.cat([torch.arange(a, b) for a, b in _zigzag_ranges(seq_len, cp_rank, cp_size)])
 
 
 class Loader:
@@ -1326,10 +1374,6 @@ class Loader:
         first = step * self.global_batch + self.dp_rank * self.batch_size
         return self.epoch_order(epoch)[first : first + self.batch_size]
 
-    def _read(self, index):
-        parts = [self.dataset.read(int(index), a, b) for a, b in self.ranges]
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
     def __iter__(self):
         order_epoch, order = None, None
         while self.epochs is None or self.epoch < self.epochs:
@@ -1339,10 +1383,21 @@ class Loader:
             if order_epoch != self.epoch:
                 order_epoch, order = self.epoch, self.epoch_order(self.epoch)
             first = self.step * self.global_batch + self.dp_rank * self.batch_size
-            samples = [self._read(i) for i in order[first : first + self.batch_size]]
+            batch = self._read_batch(order[first : first + self.batch_size])
             # Advance before yielding, so a state_dict() taken after this batch resumes after it.
             self.step += 1
-            yield {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+            yield batch
+
+    def _read_batch(self, indices):
+        """The dataset writes straight into the batch: (batch_size, local_len) per key."""
+        local_len = sum(b - a for a, b in self.ranges)
+        batch = _empty_batch_tensors(len(indices), local_len)
+        for row, index in enumerate(indices):
+            at = 0
+            for a, b in self.ranges:
+                self.dataset.read(int(index), a, b, out={key: batch[key][row, at : at + b - a] for key in BATCH_KEYS})
+                at += b - a
+        return batch
 
     def state_dict(self):
         return {

@@ -432,6 +432,11 @@ def test_packing_reproduces_the_stream(tmp_path):
         part = ds.read(i, a, b)
         for key in part:
             assert (part[key] == items[i][key][a:b]).all()
+        compact = ds.read_stream(i)  # (ctx+1,) uint32: inputs, then the last label
+        assert compact.dtype == np.uint32 and len(compact) == ctx + 1
+        assert (compact[:-1] == items[i]["tokens"].numpy()).all()
+        real = items[i]["labels"] != -100
+        assert (compact[1:][real.numpy()] == items[i]["labels"][real].numpy()).all()
 
 
 def test_packing_drop_last_and_doc_mask_positions(tmp_path):
@@ -463,8 +468,13 @@ def test_zigzag_indices():
     for cp in [1, 2, 3, 4]:
         parts = torch.cat([data.zigzag_indices(24, r, cp) for r in range(cp)])
         assert sorted(parts.tolist()) == list(range(24))
-    with pytest.raises(DataError, match="divisible by 2 x cp = 6"):
+    with pytest.raises(ValueError, match="divisible by 2 x cp = 6"):
         data.zigzag_indices(8, 0, 3)
+    # the loader reads the same chunks as ranges
+    for cp in [1, 2, 3]:
+        for rank in range(cp):
+            ranges = data._zigzag_ranges(24, rank, cp)
+            assert torch.cat([torch.arange(a, b) for a, b in ranges]).tolist() == data.zigzag_indices(24, rank, cp).tolist()
 
 
 def packed(tmp_path, n_tokens=3000, ctx=24, seed=0):
