@@ -146,20 +146,21 @@ def prompt_frame(tok, chat: bool) -> tuple[list[int], list[int]]:
 
     With the chat template: <|begin_of_text|>, the system turn, the user header ... and after the
     message <|eot_id|> plus the assistant header, exactly as format_chat renders them. Found by
-    rendering a one-character message and an empty one and taking the difference, so whatever the
-    template puts around the message is kept token for token. Without it: <|begin_of_text|> ... "\n".
+    rendering the messages "X" and "Y" and keeping what the two share at each end, so whatever the
+    template puts around the message is kept token for token (the "\n\n" that opens the message is
+    tokenized as it is before a letter: every prompt here starts with one). Without a template:
+    <|begin_of_text|> ... "\n".
     """
     if not chat:
         return ([tok.bos_id] if tok.bos_id is not None else []), tok.encode("\n")
-    message = [{"role": "user", "content": "X"}]
-    with_x, _ = data.format_chat(tok, message, add_generation_prompt=True)
-    empty, _ = data.format_chat(tok, [{"role": "user", "content": ""}], add_generation_prompt=True)
-    n_x = len(with_x) - len(empty)
-    start = next((i for i, (a, b) in enumerate(zip(with_x, empty)) if a != b), len(empty))
-    if n_x < 1 or with_x[:start] != empty[:start] or with_x[start + n_x:] != empty[start:]:
+    x, _ = data.format_chat(tok, [{"role": "user", "content": "X"}], add_generation_prompt=True)
+    y, _ = data.format_chat(tok, [{"role": "user", "content": "Y"}], add_generation_prompt=True)
+    n_prefix = next(i for i, (a, b) in enumerate(zip(x, y)) if a != b)
+    n_suffix = next(i for i, (a, b) in enumerate(zip(x[::-1], y[::-1])) if a != b)
+    if tok.decode(x[n_prefix:len(x) - n_suffix]) != "X":
         raise EvalError("cannot find where the user's message goes in the tokenizer's chat template; "
                         "pass --no-chat to use plain prompts")
-    return with_x[:start], with_x[start + n_x:]
+    return x[:n_prefix], x[len(x) - n_suffix:]
 
 
 def generation_budget(tok, answers: list[str]) -> int:

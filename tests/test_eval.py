@@ -77,6 +77,49 @@ def test_chat_prompt_is_format_chat_token_for_token(tok, haystack):
     assert s["tokens"][0] == tok.bos_id
 
 
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A real merging BPE tokenizer (trained here, vocab 1000, Llama 3 specials and chat template) and a
+    haystack of a few standard-library files: lengths must be exact where tokens are not bytes."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    texts = [open(f, encoding="utf-8").read() for f in data.builtin_corpus_files()[:40]]
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=data.LLAMA3_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    root = tmp_path_factory.mktemp("bpe")
+    backend.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": data.LLAMA31_CHAT_TEMPLATE}))
+    tok = data.load_tokenizer(str(root))
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(texts):
+        (corpus / f"{i}.txt").write_text(text)
+    return tok, E.Haystack(tok, data.build_token_file([str(corpus)], tok, str(root / "cache"), log=None))
+
+
+def test_merging_tokenizer_exact_lengths_and_chat_frame(bpe):
+    tok, haystack = bpe
+    assert len(tok.encode("The magic number is")) < len("The magic number is")  # it does merge
+    prefix, suffix = E.prompt_frame(tok, chat=True)
+    content = "Find the number.\nsome text\nWhat is it?"
+    expected, _ = data.format_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True)
+    assert prefix + tok.encode(content) + suffix == expected
+    for length, depth in [(512, 0.0), (2000, 0.4), (2000, 1.0), (6000, 0.9)]:
+        s = E.make_niah_sample(tok, length, depth, seed=1, haystack=haystack)
+        assert total_length(s) == length
+        (a, b), = s["needle_spans"]
+        assert s["answers"][0] in tok.decode(s["tokens"][a:b])
+        assert abs(s["needle_depths"][0] - depth) <= max(0.005, 8 / length) + 1 / length
+    for task in E.RULER_TASKS:
+        s = E.make_ruler_sample(task, tok, 4000, seed=2, haystack=haystack)
+        assert abs(total_length(s) - 4000) <= 40
+        assert all(a.lower() in tok.decode(s["tokens"]).lower() for a in s["answers"])
+
+
 def test_plain_prompt_without_chat(tok, haystack):
     s = E.make_niah_sample(tok, 512, 0.5, seed=1, haystack=haystack, chat=False)
     assert s["tokens"][0] == tok.bos_id and tok.token_id("<|start_header_id|>") not in s["tokens"]
