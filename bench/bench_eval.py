@@ -10,9 +10,10 @@ minus the resident set before the prefill, so cases do not see each other's allo
   prefill: Llama.generate(sample, 1 new token), chunks of 4096 tokens against the KV cache
            (what `eval.py niah` / `ruler` / `passkey` do);
   ppl:     eval.chunked_token_losses over the same tokens (what `eval.py ppl` does).
-Printed per case: the peak, the KV cache's own size (the linear floor), their ratio, and the
-peak's growth against the shortest case next to the length's growth (linear: the two match;
-quadratic attention scores would be 64^2/8^2 = 64x from 8K to 64K, and 128 GiB at 64K).
+Printed per case: the peak, the KV cache's own size (the linear floor), their ratio, the peak's
+growth against the shortest case next to the length's growth, and the peak's slope beyond the
+shortest case in MiB per 1K tokens next to the KV cache's (linear: constant and close to it;
+materialised attention scores would grow 64x from 8K to 64K and take 128 GiB at 64K).
 """
 import argparse
 import json
@@ -77,14 +78,19 @@ def main():
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, tiny preset (fp32), NIAH sample, prefill chunk 4096")
     for what in args.what.split(","):
         print(f"\n{what}:")
-        print(f"{'length':>8} {'peak MiB':>9} {'KV MiB':>8} {'peak/KV':>8} {'length x':>9} {'peak x':>7} {'s':>7}")
+        print(f"{'length':>8} {'peak MiB':>9} {'KV MiB':>8} {'peak/KV':>8} {'length x':>9} {'peak x':>7} "
+              f"{'MiB/1K more':>12} {'KV MiB/1K':>10} {'s':>7}")
         first = None
         for length in lengths:
             r = run_child(what, length, args.cache)
             first = first or r
+            # the slope beyond the shortest case: linear growth keeps it near the KV cache's own
+            extra_k = (length - first["length"]) / 1024
+            slope = f"{(r['peak_mib'] - first['peak_mib']) / extra_k:12.2f}" if extra_k else f"{'-':>12}"
             print(f"{E.format_length(length):>8} {r['peak_mib']:9.1f} {r['kv_cache_mib']:8.1f} "
                   f"{r['peak_mib'] / r['kv_cache_mib']:8.2f} {length / first['length']:9.1f} "
-                  f"{r['peak_mib'] / first['peak_mib']:7.2f} {r['seconds']:7.1f}", flush=True)
+                  f"{r['peak_mib'] / first['peak_mib']:7.2f} {slope} {r['kv_cache_mib'] / (length / 1024):10.2f} "
+                  f"{r['seconds']:7.1f}", flush=True)
 
 
 if __name__ == "__main__":
