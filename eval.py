@@ -822,7 +822,8 @@ def run_ppl(args, model, tok):
                 "loss": float(sums[b] / counts[b]), "ppl": float(math.exp(sums[b] / counts[b]))}
                for b in range(n_buckets) if counts[b]]
     total_loss = float(sums.sum() / counts.sum())
-    aggregate = {"loss": total_loss, "ppl": math.exp(total_loss), "bucket": bucket, "buckets": buckets}
+    aggregate = {"loss": total_loss, "ppl": math.exp(total_loss), "length": length, "docs": len(sequences),
+                 "bucket": bucket, "buckets": buckets}
     write_results(args.out, args.model, "ppl", settings(args), items, aggregate)
     csv_path = os.path.join(args.out, "ppl_by_position.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -965,6 +966,8 @@ def fill_defaults(args, window: int):
             args.lengths = sorted({max(256, window // k) for k in (8, 4, 2, 1)})
         else:
             args.lengths = sorted({parse_length(x) for x in args.lengths.split(",")})
+        if args.lengths[0] < 2:
+            raise EvalError(f"length {args.lengths[0]} is too short to evaluate anything")
         check_lengths(args.lengths, window, args.beyond_window)
     if hasattr(args, "depths"):
         args.depths = parse_depths(args.depths)
