@@ -209,7 +209,6 @@ def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
         return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
     # No dropout, so the random-number state the kernels take is never read.
     no_rng = torch.empty((), dtype=torch.long)
-    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     if _cuda_uses_flash(q):
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
