@@ -23,6 +23,7 @@ Tokenizer
         vocab_size, bos_id, eos_id (<|end_of_text|>), eot_id, pad_id, stop_ids, chat_template, source_dir
         encode(text) -> list[int]            plain text: no bos added, "<|eot_id|>" typed in text stays text
         encode_batch(texts) -> list[list[int]]   all cores
+        encode_flat(texts) -> (uint32 array of all ids, int64 array of lengths)
         decode(ids) -> str, token_id(name) -> int, save(dir)
     format_chat(tok, messages, add_generation_prompt=False) -> (tokens: list[int], mask: list[bool])
         Llama 3.1's chat template, token for token; mask is True on the assistant's content and its
@@ -34,7 +35,8 @@ Stage 1
     build_token_file(paths, tok, cache_dir, skip_bad=False, log=print, progress=False) -> TokenFile
     TokenFile(path): tokens (np.memmap uint32), offsets, lengths, domains (per document),
         domain_names, stats, doc(i)
-    TokenFileWriter(out_dir): add(tokens, domain), close(stats=None) -> TokenFile
+    TokenFileWriter(out_dir): add(tokens, domain), add_many(flat, lengths, domains), abort(),
+        close(stats=None) -> TokenFile (appears atomically)
     sample_by_length(token_file, budget_tokens, seed, short=4096, long=8192,
                      down_rate=0.5, up_rate=2.0, log=print) -> np.ndarray of document indices
     separator_ids(tok, separator="<s>") -> list[int]     "<s>" | "bos" | "eos" | "none"
@@ -52,7 +54,8 @@ Loading
     zigzag_indices(seq_len, cp_rank, cp_size) -> LongTensor   (attention.py's, re-exported)
     Loader(dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0, shuffle=True,
            drop_last=False, epochs=None)
-        yields dicts of (batch_size, ctx // cp_size) LongTensors; state_dict() / load_state_dict()
+        yields dicts of (batch_size, ctx // cp_size) LongTensors; state_dict() / load_state_dict();
+        steps_per_epoch, epoch_order(epoch), batch_indices(epoch, step)
 
 Errors
     DataError (a ValueError): one sentence that names the file and line when there is one.
@@ -347,7 +350,7 @@ class Tokenizer:
             buffer.extend(ids)
         return np.frombuffer(buffer, dtype=np.uint32), lengths
 
-    def encode_split(self, texts_and_cuts):
+    def _encode_split(self, texts_and_cuts):
         """Encodes (text, cut) pairs in one batch; returns (ids, n) pairs, where the first n ids come
         from text[:cut]. The text is encoded whole, exactly as a chat template's output would be."""
         if self._bytes_are_ids:
@@ -508,7 +511,7 @@ def _chat_pieces(tok, messages, add_generation_prompt):
 def _tokenize_pieces(tok, conversations_pieces):
     """Encodes many conversations' pieces in one batch; returns (tokens, mask) per conversation."""
     texts = [(p[0], p[1]) for pieces in conversations_pieces for p in pieces if len(p) == 3]
-    encoded = iter(tok.encode_split(texts))
+    encoded = iter(tok._encode_split(texts))
     out = []
     for pieces in conversations_pieces:
         tokens, mask = [], []
@@ -609,11 +612,11 @@ class _BadRecords:
 def _read_text_file(path, bad):
     """A plain-text file is one document; returns its text, or None when it was bad and skipped."""
     with _open_binary(path) as f:
-        data = f.read()
+        raw = f.read()
     try:
-        return data.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
         return None
 
@@ -695,6 +698,11 @@ class TokenFileWriter:
     def add(self, tokens, domain="default"):
         tokens = np.asarray(tokens)
         self.add_many(tokens, [len(tokens)], [domain])
+
+    def abort(self):
+        """Drops the half-written file."""
+        self._tokens.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def close(self, stats=None):
         self._tokens.close()
@@ -829,8 +837,7 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print, progress=
             raise DataError(f"the inputs {paths} hold no documents with text, so the corpus is empty ({stats})")
         token_file = writer.close(stats)
     except BaseException:
-        writer._tokens.close()
-        shutil.rmtree(writer.tmp_dir, ignore_errors=True)
+        writer.abort()
         raise
     if log:
         log(
@@ -910,7 +917,8 @@ def _length_histogram(before, after, short, long, budget_tokens):
     lines = [
         f"length-based sampling: {len(before)} documents, {before.sum():,} tokens -> "
         f"{len(after)} documents, {after.sum():,} tokens (budget {budget_tokens:,})",
-        f"  {'doc length (tokens)':>24}  {'before':>22}  {'after':>22}",
+        f"  {'':>24}  {'before':<35}  {'after':<35}",
+        f"  {'doc length (tokens)':>24}  {'docs':>7} {'tokens':>6} {'':20}  {'docs':>7} {'tokens':>6}",
     ]
     for low, high in zip(edges[:-1], edges[1:]):
         in_before = (before >= low) & (before < high)
@@ -920,8 +928,8 @@ def _length_histogram(before, after, short, long, budget_tokens):
         label = f"[{int(low)}, {'inf' if high == np.inf else int(high)})"
         tag = "down" if high <= short else ("up" if low >= long else "")
         lines.append(
-            f"  {label:>24}  {in_before.sum():>7} {share_before:6.1%} {'#' * round(share_before * 8):<8}"
-            f"  {in_after.sum():>7} {share_after:6.1%} {'#' * round(share_after * 8):<8} {tag}"
+            f"  {label:>24}  {in_before.sum():>7} {share_before:6.1%} {'#' * round(share_before * 20):<20}"
+            f"  {in_after.sum():>7} {share_after:6.1%} {'#' * round(share_after * 20):<20} {tag}"
         )
     return "\n".join(lines)
 

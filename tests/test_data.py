@@ -639,3 +639,28 @@ def test_chat_dataset_in_loader(tok):
     ds = data.ChatDataset([(data.synthetic_chat(40, seed=3), 1.0)], tok, max_len=128, log=None)
     batch = next(iter(data.Loader(ds, 2, cp_rank=1, cp_size=2)))
     assert batch["tokens"].shape == (2, 64) and batch["labels"].shape == (2, 64)
+
+
+def test_tokenizer_config_variants(tok, tmp_path):
+    """Templates as a named list or in chat_template.jinja; tokens written as AddedToken dicts."""
+    tok._backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": {"content": "<|eot_id|>"},
+              "chat_template": [{"name": "default", "template": "T1"}, {"name": "tool_use", "template": "T2"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = data.load_tokenizer(str(tmp_path))
+    assert loaded.chat_template == "T1" and loaded.bos_id == 256 and tok.eot_id in loaded.stop_ids
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_text(data.LLAMA31_CHAT_TEMPLATE)
+    assert data.load_tokenizer(str(tmp_path)).chat_template == data.LLAMA31_CHAT_TEMPLATE
+    with pytest.raises(DataError, match="not a Llama 3 family template"):
+        data.format_chat(loaded, [{"role": "user", "content": "x"}])
+
+
+def test_packed_dataset_pickles_for_worker_processes(tmp_path):
+    import pickle
+    ds = packed(tmp_path)
+    ds[0]  # opens the file and fills the reusable buffers, which must not travel
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._fd is None and copy._scratch_buffer is None
+    for key, value in ds[3].items():
+        assert (copy[3][key] == value).all()
