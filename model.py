@@ -502,12 +502,12 @@ def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write("model.safetensors.index.json", lambda tmp: _write_json(tmp, index))
 
-    if tokenizer is not None:
-        tokenizer.save(path)
-    elif source_dir is not None and os.path.abspath(source_dir) != os.path.abspath(path):
+    if source_dir is not None and os.path.abspath(source_dir) != os.path.abspath(path):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(source_dir, name)):
                 shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
+    if tokenizer is not None:  # written after the copy: it may carry a chat template the source lacked
+        tokenizer.save(path)
     atomic_write("config.json", lambda tmp: _write_json(tmp, hf_config(args, dtype)))
 
 

@@ -40,24 +40,41 @@ CHECKPOINT_PREFIX = "step_"
 # ----------------------------------------------------------------------------------------------
 # command line
 
-def build_parser(description: str = "Stage 1: continued pretraining with YaRN (see README)") -> argparse.ArgumentParser:
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Options of the training loop itself, shared by stage 1 (train.py) and stage 2 (sft.py)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", help="HF-layout model directory (absent: the tiny preset from scratch)")
-    p.add_argument("--data", nargs="*", help="files, directories or globs (absent: the built-in corpus)")
-    p.add_argument("--out", default="out/train", help="output directory (checkpoints, metrics, export)")
-    p.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept and reused")
-    p.add_argument("--ctx", default=None, help="window to train at, e.g. 4K or 1M (default: 1M, tiny: 4K)")
+    p.add_argument("--model", help="HF-layout model directory (absent: the tiny preset)")
+    p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, hf/ export)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel degree; data parallel = world / cp")
-    p.add_argument("--batch", type=int, default=None, help="global batch in sequences (default: 2, as the paper's 4M)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in sequences")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per forward")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --tokens)")
-    p.add_argument("--tokens", default=None, help="token budget, e.g. 1G (the paper: 1B); sets --steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (paper: 3e-5; tiny from scratch: 1e-3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this x lr (ProLong)")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (ProLong)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--world", type=int, default=None, help="world size for --plan (default: the current one)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: H100/H200 bf16 989; CPU: a matmul measured at start)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common_parser("Stage 1: continued pretraining with YaRN on long packed documents (see README)")
+    p.set_defaults(out="out/train")
+    p.add_argument("--data", nargs="*", help="files, directories or globs (absent: the built-in corpus)")
+    p.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept and reused")
+    p.add_argument("--ctx", default=None, help="window to train at, e.g. 4K or 1M (default: 1M, tiny: 4K)")
+    p.add_argument("--tokens", default=None, help="token budget, e.g. 1G (the paper: 1B); sets --steps")
     p.add_argument("--rope", default="yarn", choices=["yarn", "ntk", "llama3", "none"])
     p.add_argument("--original-window", default=None,
                    help="the window the RoPE frequencies were pre-trained for (default: 8192 for Llama 3.1, 512 for tiny)")
@@ -67,20 +84,9 @@ def build_parser(description: str = "Stage 1: continued pretraining with YaRN (s
     p.add_argument("--doc-mask", action="store_true", help="attend within documents only (ablation; paper: off)")
     p.add_argument("--short-doc", default="4K", help="documents shorter than this are downsampled")
     p.add_argument("--long-doc", default="8K", help="documents longer than this are upsampled")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (builds nothing)")
     p.add_argument("--gpu-memory", default="80G", help="GPU memory for --plan")
-    p.add_argument("--world", type=int, default=None, help="world size for --plan (default: the current one)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for --plan's time estimate")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak for MFU (default: H100/H200 bf16 989; CPU: a matmul measured at start)")
     return p
 
 
@@ -172,8 +178,9 @@ def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the model
 
-def build_model(args, d: Dist) -> M.Llama:
-    """Load (or create tiny), switch RoPE to the stage-1 scaling, then parallelise from outside."""
+def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
+    """Load (or create tiny), switch RoPE to the stage-1 scaling (stage 2 keeps the model's own),
+    then parallelise from outside."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
         model = M.Llama.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
@@ -183,10 +190,11 @@ def build_model(args, d: Dist) -> M.Llama:
         model.to_empty(device="cpu")
         model.set_rope(model.args.rope)
         model.init_weights(seed=args.seed)
-    original = args.original_window or model.args.rope.original_max_position
-    model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, original,
-                                        beta_fast=args.beta_fast, beta_slow=args.beta_slow))
-    model.args.max_seq_len = args.ctx
+    if extend_rope:
+        original = args.original_window or model.args.rope.original_max_position
+        model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, original,
+                                            beta_fast=args.beta_fast, beta_slow=args.beta_slow))
+        model.args.max_seq_len = args.ctx
     if d.cp > 1:
         model.set_attention(partial(attention.ring_attention, group=d.cp_group))
     if args.activation_checkpointing:
@@ -280,7 +288,7 @@ def export_hf(model, out: str, tokenizer, d: Dist):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         M.save_hf_checkpoint(os.path.join(out, "hf"), model.args, full, source_dir=model.source_dir,
-                             tokenizer=tokenizer if model.source_dir is None else None)
+                             tokenizer=tokenizer)
     barrier(d)
 
 
@@ -465,25 +473,25 @@ def stage1_loader(args, tokenizer, d: Dist, log=print):
                        cp_size=d.cp, seed=args.seed)
 
 
-def main(argv=None):
-    try:
-        run(fill_defaults(build_parser().parse_args(argv)))
-    except (FileNotFoundError, ValueError) as e:  # bad input: one sentence, no traceback
-        raise SystemExit(f"error: {e}") from None
-
-
-def run(args):
+def prepare(args) -> Dist:
+    """Checks that need no model, then the process group. Shared by stage 1 and stage 2."""
     world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(args.ctx, args.cp, world, args.batch, args.micro_batch)
-    if args.plan:
-        print_plan(args, world)
-        return
     if args.resume and not checkpoint_dirs(args.out):
         raise SystemExit(f"error: --resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
     if args.dtype is None:
         args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
     torch.manual_seed(args.seed)
-    d = setup_distributed(args.cp)
+    return setup_distributed(args.cp)
+
+
+def run(args):
+    if args.plan:
+        world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
+        check_layout(args.ctx, args.cp, world, args.batch, args.micro_batch)
+        print_plan(args, world)
+        return
+    d = prepare(args)
     model = build_model(args, d)
     tokenizer = data.load_tokenizer(args.model)
     if args.model is None:  # the built-in tokenizer's ids go into config.json for serving tools
@@ -493,8 +501,19 @@ def run(args):
               f"{args.batch} x {args.ctx} tokens")
     loader = stage1_loader(args, tokenizer, d)
     train(args, model, loader, tokenizer, d)
+    finish(d)
+
+
+def finish(d: Dist):
     if d.world > 1:
         dist.destroy_process_group()
+
+
+def main(argv=None, run=run, parser=build_parser, defaults=fill_defaults):
+    try:
+        run(defaults(parser().parse_args(argv)))
+    except (FileNotFoundError, ValueError) as e:  # bad input: one sentence, no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""sft.py: the loss covers the assistant's tokens only, averaged over the global batch; data
+parallelism and resuming change nothing; the export carries the chat template."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def conversations():
+    """Uneven on purpose: a one-word answer beside long ones, so per-rank means would differ."""
+    rng = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(24):
+        n = int(torch.randint(1, 60, (1,), generator=rng))
+        answer = " ".join(["word"] * n) if i % 3 else "yes"
+        out.append({"messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": f"question {i}?"},
+                                 {"role": "assistant", "content": answer}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations()))
+    return path
+
+
+def test_loss_is_the_mean_over_assistant_tokens_only():
+    tok = data.load_tokenizer(None)
+    convs = [c["messages"] for c in conversations()[:3]]
+    dataset = data.ChatDataset([(convs, 1.0)], tok, max_len=1024, seed=0, doc_mask=True, log=None)
+    row = dataset[0]
+    m = M.Llama(M.preset("tiny"))
+    m.init_weights(seed=0)
+    tokens, labels = row["tokens"][None], row["labels"][None]
+    loss = m(tokens, labels=labels, positions=row["positions"][None], doc_ids=row["doc_ids"][None])
+    # by hand: every conversation alone, its own positions, CE where format_chat marks the assistant
+    total, count = 0.0, 0
+    for messages in convs:
+        ids, mask = data.format_chat(tok, messages)
+        with torch.no_grad():
+            logits = m(torch.tensor([ids]))[0]
+        for t in range(len(ids) - 1):
+            if mask[t + 1]:
+                total += F.cross_entropy(logits[t], torch.tensor(ids[t + 1])).item()
+                count += 1
+    assert count == int((labels != -100).sum())
+    assert abs(loss.item() - total / count) < 1e-5
+
+
+def sft_cmd(chat_file, out, nproc=1, extra=()):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return [*launcher, os.path.join(ROOT, "sft.py"), "--data", str(chat_file), "--out", str(out),
+            "--max-len", "256", "--batch", "4", "--steps", "4", "--heldout", "0", "--lr", "1e-3",
+            "--no-activation-checkpointing", *extra]
+
+
+def run(cmd):
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: (r["loss"], r["tokens"]) for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def single(chat_file):
+    out = chat_file.parent / "single"
+    run(sft_cmd(chat_file, out, extra=["--save-every", "2"]))
+    return out
+
+
+def test_data_parallel_gives_the_same_losses_for_uneven_conversations(chat_file, single):
+    out = chat_file.parent / "dp2"
+    run(sft_cmd(chat_file, out, nproc=2))
+    expected, got = losses(single), losses(out)
+    assert len({tokens for _, tokens in expected.values()}) > 1  # the batches really are uneven
+    for step in expected:
+        assert got[step][1] == expected[step][1]
+        assert abs(got[step][0] - expected[step][0]) <= 1e-5 * expected[step][0], step
+
+
+def test_resume_equals_uninterrupted(chat_file, single):
+    out = chat_file.parent / "resumed"
+    shutil.copytree(single, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if the run died after step 2's save
+    run(sft_cmd(chat_file, out, extra=["--save-every", "2", "--resume"]))
+    expected, got = losses(single), losses(out)
+    for step in (3, 4):
+        assert abs(got[step][0] - expected[step][0]) <= 1e-6 * expected[step][0]
+
+
+def test_export_carries_the_chat_template_and_keeps_the_window(chat_file, single):
+    config = json.loads((single / "hf" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == data.LLAMA31_CHAT_TEMPLATE
+    assert json.loads((single / "hf" / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+def test_bad_records_stop_with_a_sentence_or_are_skipped_and_counted(chat_file, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = chat_file.read_text().splitlines()
+    lines.insert(2, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
+    bad.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(sft_cmd(bad, tmp_path / "o1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "line 3" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = run(sft_cmd(bad, tmp_path / "o2", extra=["--skip-bad", "--steps", "1"]))
+    assert "1 bad skipped" in result.stdout
