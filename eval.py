@@ -558,11 +558,13 @@ def make_jsonl_sample(tok, record: dict, max_length: int, *, chat: bool = True,
 def load_model(path: str, dtype: str = "auto", device: str = "auto"):
     """An HF-layout directory -> (model in eval mode, tokenizer)."""
     if not os.path.isdir(path):
-        raise EvalError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
+        raise EvalError(f"model directory {path} does not exist; train one with `python train.py` "
+                        f"or pass --model")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
-    model = M.Llama.from_pretrained(path, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device=device)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = M.Llama.from_pretrained(path, dtype=torch_dtype, device=device)
     model.eval()
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = data.load_tokenizer(path)
@@ -604,9 +606,10 @@ def chunked_token_losses(model, tokens: list[int], chunk: int = 4096) -> np.ndar
 def run_generation_task(model, tok, samples, total: int, score, desc: str, prefill_chunk: int = 4096) -> list[dict]:
     """Greedy generation for each sample (built lazily: a 1M-token prompt exists one at a time);
     returns one record per sample with its prediction and scores."""
-    items = []
-    bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+    items, bar = [], None
     for sample in samples:
+        if bar is None:  # opened after the first sample is built, so a sizing error prints alone
+            bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
         new = model.generate(sample["tokens"], sample["max_new_tokens"], stop_ids=tuple(tok.stop_ids),
                              prefill_chunk=prefill_chunk)
         stopped = bool(new) and new[-1] in tok.stop_ids
@@ -616,8 +619,10 @@ def run_generation_task(model, tok, samples, total: int, score, desc: str, prefi
                       scores=score(prediction, sample["answers"]))
         items.append(record)
         bar.update(1)
-        bar.set_postfix(length=format_length(sample["length"]), score=round(next(iter(record["scores"].values())), 2))
-    bar.close()
+        first_score = next(iter(record["scores"].values()))
+        bar.set_postfix(length=format_length(sample["length"]), score=round(first_score, 2))
+    if bar is not None:
+        bar.close()
     return items
 
 
@@ -932,14 +937,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
     sub = p.add_subparsers(dest="task", required=True)
-    niah = sub.add_parser("niah", parents=[common, lengths, samples], help="needle in a haystack: length x depth heatmap")
+    niah = sub.add_parser("niah", parents=[common, lengths, samples],
+                          help="needle in a haystack: length x depth heatmap")
     niah.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
     niah.add_argument("--haystack", nargs="+", default=None,
                       help="text files / directories / globs for the haystack (default: the built-in corpus)")
     niah.add_argument("--needle", default=None, help="your needle, containing {value} (and optionally {key})")
     niah.add_argument("--question", default=None, help="the question that goes with --needle ({key} allowed)")
     niah.add_argument("--answer-prefix", default=None, help="text the answer starts with, after the question")
-    ruler = sub.add_parser("ruler", parents=[common, lengths, samples], help="RULER-style synthetic tasks, a table per length")
+    ruler = sub.add_parser("ruler", parents=[common, lengths, samples],
+                           help="RULER-style synthetic tasks, a table per length")
     ruler.add_argument("--tasks", default="all", help=f"comma-separated from {','.join(RULER_TASKS)} (default: all)")
     ruler.add_argument("--haystack", nargs="+", default=None, help="haystack text for the niah tasks")
     passkey = sub.add_parser("passkey", parents=[common, lengths, samples], help="passkey retrieval in filler text")
