@@ -129,9 +129,12 @@ def bench_tokenization(name, tok, texts, n_bytes, workdir, repeats):
         shutil.rmtree(cache)
 
     ours()  # warm the page cache and the tokenizer before timing
-    t_lib = best_of(repeats, library_encode)
-    t_lib_ids = best_of(repeats, library_encode_ids)
-    t_ours = best_of(repeats, ours)
+    # Interleaved repeats, best of each: a shared machine's load drifts, and all three see it alike.
+    times = {library_encode: [], library_encode_ids: [], ours: []}
+    for _ in range(repeats):
+        for fn in times:
+            times[fn].append(best_of(1, fn))
+    t_lib, t_lib_ids, t_ours = (min(t) for t in times.values())
 
     # correctness in the same run: the token file holds exactly the library's ids
     cache = tempfile.mkdtemp(dir=workdir)
