@@ -325,8 +325,18 @@ def test_builtin_corpus(tok, tmp_path):
     tf = data.build_token_file(None, tok, str(tmp_path), log=None)
     assert tf.n_docs > 1000 and (tf.lengths > 8192).sum() > 100
     assert set(tf.domain_names) == {"stdlib", "stdlib-tests"}
-    k = 0
-    assert tok.decode(tf.doc(k)) == open(files[0], encoding="utf-8").read() or tf.lengths[0] > 0
+    stats = tf.stats
+    assert tf.n_docs + stats["empty_documents"] + stats["bad_skipped"] == len(files)  # every file accounted for
+    texts = []
+    for path in files[:200]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError:
+            continue
+    texts = [t for t in texts if t]
+    for k, text in enumerate(texts):
+        assert tf.doc(k).tolist() == list(text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,10 +428,16 @@ def test_packing_reproduces_the_stream(tmp_path):
         # doc ids: every document's tokens and its separator carry its place in the order
         expected_ids = np.repeat(np.arange(len(order)), tf.lengths[order] + len(sep))
         assert (doc_ids[:n - 1] == expected_ids[:-1]).all() and (doc_ids[n:] == -1).all()
-        # minus the separators, the documents come back exactly
+        # the whole stream is the inputs plus the last label; minus the separators, it is the
+        # sampled documents, exactly and in order
+        full = np.append(tokens[: n - 1], labels[n - 2]) if n > 1 else stream
+        full_ids = np.append(doc_ids[: n - 1], len(order) - 1)
+        bodies = []
         for k, d in enumerate(order):
-            body = tokens[np.flatnonzero(doc_ids == k)][: tf.lengths[d]]
-            assert (body == tf.doc(d)).all() or k == len(order) - 1
+            piece = full[full_ids == k]
+            assert (piece[tf.lengths[d]:] == sep).all()
+            bodies.append(piece[: tf.lengths[d]])
+        assert (np.concatenate(bodies) == np.concatenate([tf.doc(d) for d in order])).all()
         for x in items:
             assert all(v.shape == (ctx,) and v.dtype == torch.int64 for v in x.values())
             assert (x["positions"] == torch.arange(ctx)).all()
