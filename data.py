@@ -751,6 +751,10 @@ class TokenFile:
         self.domain_names = meta["domain_names"]
         self.stats = meta["stats"]
 
+    def __reduce__(self):
+        # Pickle (e.g. into a worker process) by path: a memmap would pickle the whole file.
+        return TokenFile, (self.path,)
+
     @property
     def n_docs(self):
         return len(self.lengths)
@@ -976,9 +980,12 @@ def _read_tokens_into(fd, out, first_token):
 class PackedDataset:
     """Sequence i = stream[i*ctx : i*ctx + ctx + 1], where the stream is the sampled documents, each
     followed by the separator. A document longer than what is left continues in the next sequence;
-    consecutive sequences share one token (the last label of i is the first token of i+1), so every
-    stream token is an input once and a label once. The last, partial sequence is padded (labels
-    -100, doc_ids -1) unless drop_last. Reading a sequence holds only that sequence in memory.
+    consecutive sequences share one token (the last label of i is the first token of i+1). The
+    last, partial sequence is padded (pad_id, labels -100, doc_ids -1) unless drop_last. Reading a
+    sequence holds only that sequence in memory.
+
+    Every stream token but the first is a label exactly once; the last one is also an input when
+    the padded last sequence holds it.
 
     doc_ids: the index of the document in `doc_order`, for the masked ablation; its separator
     belongs to it. positions: 0..ctx-1, or with doc_mask the offset since the document (or the
@@ -1009,6 +1016,8 @@ class PackedDataset:
             raise DataError(f"the sampled stream ({self.stream_len} tokens) is shorter than one window of {ctx}")
         self._fd = None
         self._fd_pid = None
+        self._scratch_buffer = None
+        self._count_up_buffer = None
 
     def __len__(self):
         return self.n_sequences
@@ -1109,13 +1118,13 @@ class PackedDataset:
     # would cost more than filling them.
     def _scratch(self, size):
         """A uint32 staging buffer for the stream tokens."""
-        if getattr(self, "_scratch_buffer", None) is None or len(self._scratch_buffer) < size:
+        if self._scratch_buffer is None or len(self._scratch_buffer) < size:
             self._scratch_buffer = np.empty(size, dtype=np.uint32)
         return self._scratch_buffer[:size]
 
     def _count_up(self):
         """0, 1, ..., ctx: positions are copied out of it."""
-        if getattr(self, "_count_up_buffer", None) is None:
+        if self._count_up_buffer is None:
             self._count_up_buffer = np.arange(self.ctx + 1, dtype=np.int64)
         return self._count_up_buffer
 

@@ -676,6 +676,7 @@ def test_packed_dataset_pickles_for_worker_processes(tmp_path):
     import pickle
     ds = packed(tmp_path)
     ds[0]  # opens the file and fills the reusable buffers, which must not travel
+    assert len(pickle.dumps(ds.token_file)) < 1000  # the token file travels by path, not by value
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._fd is None and copy._scratch_buffer is None
     for key, value in ds[3].items():
