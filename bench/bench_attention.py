@@ -7,7 +7,7 @@
 3. ring attention, P=2 gloo processes against P=1, the same total length, one thread per
    process: per-rank peak memory (ideal ratio 0.5) and time against the ideal half of P=1.
 
-    python bench/bench_attention.py            (add --quick for a short run)
+    python bench/bench_attention.py            (--quick: a short run; --parts ring: one part)
 
 Each memory case runs in a fresh process: its peak resident set (VmHWM, reset just before the
 case) minus the resident set when the case started, i.e. what forward+backward allocate on top of
@@ -170,11 +170,13 @@ def _ring_case(rank, world_size, port, seq, block_size, repeats, results):
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     ring(q, k, v).backward(dout)
     peak = resident_mib("VmHWM")
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(repeats):
         dist.barrier()
+        cpu_start = time.process_time()  # this rank's own work, whatever else runs on the box
         seconds.append(forward_backward_seconds(ring, q, k, v, dout))
-    results.put((rank, peak - before, peak - with_inputs, min(seconds)))
+        cpu_seconds.append(time.process_time() - cpu_start)
+    results.put((rank, peak - before, peak - with_inputs, min(seconds), min(cpu_seconds)))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -196,42 +198,57 @@ def run_ring(world_size, seq, block_size, repeats):
     peak = max(report[1] for report in reports)
     peak_on_top_of_inputs = max(report[2] for report in reports)
     seconds = max(report[3] for report in reports)  # a step of the ring waits for the slowest
-    return peak, peak_on_top_of_inputs, seconds
+    cpu_seconds = sum(report[4] for report in reports)
+    return peak, peak_on_top_of_inputs, seconds, cpu_seconds
 
 
 def bench_ring(seq, block_size, repeats):
     print(f"\n3. ring attention, causal fwd+bwd, total T={seq}, (1, T, 8 heads, 2 KV heads, 64), "
           f"block {block_size}, gloo, 1 thread per rank, best of {repeats}")
-    peak_1, extra_1, seconds_1 = run_ring(1, seq, block_size, repeats)
-    peak_2, extra_2, seconds_2 = run_ring(2, seq, block_size, repeats)
-    for world_size, peak, extra, seconds in ((1, peak_1, extra_1, seconds_1),
-                                             (2, peak_2, extra_2, seconds_2)):
+    peak_1, extra_1, seconds_1, cpu_1 = run_ring(1, seq, block_size, repeats)
+    peak_2, extra_2, seconds_2, cpu_2 = run_ring(2, seq, block_size, repeats)
+    for world_size, peak, extra, seconds, cpu in ((1, peak_1, extra_1, seconds_1, cpu_1),
+                                                  (2, peak_2, extra_2, seconds_2, cpu_2)):
         print(f"   P={world_size}: per-rank peak {peak:6.1f} MiB with its q/k/v/dout shards, "
-              f"{extra:6.1f} MiB on top of them; {seconds:6.2f} s")
+              f"{extra:6.1f} MiB on top of them; {seconds:6.2f} s wall, "
+              f"{cpu:6.2f} s CPU (all ranks)")
     print(f"   per-rank peak P=2 / P=1 = {peak_2 / peak_1:.2f} with the shards, "
           f"{extra_2 / extra_1:.2f} on top of them (ideal 0.50; the ring's double buffers for "
           f"K/V and dK/dV come on top)")
-    print(f"   time P=2 / (time P=1 / 2) = {seconds_2 / (seconds_1 / 2):.2f} "
-          f"(1.00 = no overhead; above it: communication, merges and imbalance)")
+    print(f"   wall time P=2 / (wall time P=1 / 2) = {seconds_2 / (seconds_1 / 2):.2f} "
+          f"(1.00 = no overhead; includes waiting for messages and for a core)")
+    print(f"   CPU time of all ranks P=2 / P=1 = {cpu_2 / cpu_1:.2f} "
+          f"(the extra work of splitting: merges, copies, gloo; 1.00 = none)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short lengths, fewer repeats")
+    parser.add_argument("--parts", default="speed,memory,ring",
+                        help="comma-separated subset of speed,memory,ring")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     sys.stdout.reconfigure(line_buffering=True)  # progress shows even when piped to a file
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"default block size {A.DEFAULT_BLOCK_SIZE}")
-    if args.quick:
-        bench_speed(4096, [1024, A.DEFAULT_BLOCK_SIZE], repeats=2)
-        bench_memory({"causal": [4096, 8192], "document mask": [2048, 4096],
-                      "reference": [1024, 2048]}, block_size=1024)
-        bench_ring(4096, block_size=1024, repeats=2)
-    else:
-        bench_speed(8192, [1024, 2048, A.DEFAULT_BLOCK_SIZE], repeats=3)
-        bench_memory({"causal": [8192, 16384, 32768], "document mask": [8192, 16384],
-                      "reference": [2048, 4096]}, block_size=A.DEFAULT_BLOCK_SIZE)
-        bench_ring(16384, block_size=A.DEFAULT_BLOCK_SIZE, repeats=2)
+          f"default block size {A.DEFAULT_BLOCK_SIZE}, load average before the run "
+          f"{os.getloadavg()[0]:.1f}")
+    if "speed" in parts:
+        if args.quick:
+            bench_speed(4096, [1024, A.DEFAULT_BLOCK_SIZE], repeats=2)
+        else:
+            bench_speed(8192, [1024, 2048, A.DEFAULT_BLOCK_SIZE], repeats=3)
+    if "memory" in parts:
+        if args.quick:
+            bench_memory({"causal": [4096, 8192], "document mask": [2048, 4096],
+                          "reference": [1024, 2048]}, block_size=1024)
+        else:
+            bench_memory({"causal": [8192, 16384, 32768], "document mask": [8192, 16384],
+                          "reference": [2048, 4096]}, block_size=A.DEFAULT_BLOCK_SIZE)
+    if "ring" in parts:
+        if args.quick:
+            bench_ring(4096, block_size=1024, repeats=2)
+        else:
+            bench_ring(16384, block_size=A.DEFAULT_BLOCK_SIZE, repeats=2)
 
 
 if __name__ == "__main__":
