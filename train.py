@@ -100,10 +100,10 @@ def fill_defaults(args):
         args.lr = 1e-3 if tiny else 3e-5
     if args.batch is None:
         args.batch = 4 if tiny else 2
-    if args.steps is None:
-        tokens = rope.parse_size(args.tokens) if args.tokens else (None if not tiny else 4 * 4096 * 40)
-        if tokens is None:
-            tokens = 1 << 30  # the paper's 1B
+    if args.steps is None and args.tokens is None and tiny:
+        args.steps = 40
+    elif args.steps is None:
+        tokens = rope.parse_size(args.tokens) if args.tokens else 10 ** 9  # the paper's 1B tokens
         args.steps = max(1, math.ceil(tokens / (args.batch * args.ctx)))
     return args
 
@@ -353,7 +353,8 @@ def memory_plan(margs: M.ModelArgs, ctx: int, world: int, cp: int, micro_batch: 
     # attention: fp32 out/lse/dq accumulators, K/V blocks in flight, dK/dV accumulators on the ring
     plan["attention workspace"] = t * (2 * h * hd * 4 + 2 * 2 * kv * hd * b * (2 if cp > 1 else 0)
                                        + 2 * kv * hd * 4 * (2 if cp > 1 else 1))
-    chunk = M.loss_chunk_size(v)
+    chunk = min(t, M.loss_chunk_size(v))
+    # one chunk's fp32 logits and softmax-gradient, the head's fp32 gradient, h and its gradient
     plan["loss workspace (chunked)"] = 2 * chunk * v * 4 + v * d * 4 + 2 * t * d * b
     plan["RoPE cos/sin"] = t * hd * (2 * b + 8)
     return plan

@@ -64,7 +64,8 @@ def tokens_per_second(step, tokens: int, repeats: int) -> float:
     return tokens * repeats / (time.perf_counter() - start)
 
 
-def speed_vs_transformers(seq: int, batch: int, repeats: int) -> tuple[float, float]:
+def tiny_and_its_transformers_twin(seq: int):
+    """Our tiny preset and transformers' LlamaForCausalLM of the same configuration."""
     from transformers import LlamaConfig, LlamaForCausalLM
     args = M.preset("tiny")
     ours = M.Llama(args)
@@ -73,6 +74,11 @@ def speed_vs_transformers(seq: int, batch: int, repeats: int) -> tuple[float, fl
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
         max_position_embeddings=seq, rope_theta=args.rope.theta, attn_implementation="sdpa"))
+    return ours, ref, args
+
+
+def speed_vs_transformers(seq: int, batch: int, repeats: int) -> tuple[float, float]:
+    ours, ref, args = tiny_and_its_transformers_twin(seq)
     tokens = torch.randint(0, args.vocab_size, (batch, seq))
 
     def ours_step():
