@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc-mask", action="store_true", help="attend within documents only (ablation; paper: off)")
     p.add_argument("--short-doc", default="4K", help="documents shorter than this are downsampled")
     p.add_argument("--long-doc", default="8K", help="documents longer than this are upsampled")
+    p.add_argument("--tokenize-only", action="store_true",
+                   help="tokenize --data into --cache and exit (do it once before a large multi-node run)")
     p.add_argument("--plan", action="store_true", help="print the per-GPU memory plan and exit (builds nothing)")
     p.add_argument("--gpu-memory", default="80G", help="GPU memory for --plan")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for --plan's time estimate")
@@ -465,7 +467,11 @@ def quiet(*args, **kwargs):
 
 
 def stage1_loader(args, tokenizer, d: Dist, log=print):
+    if not d.is_main:
+        barrier(d)  # rank 0 tokenizes the corpus once; the others then reuse its token file
     token_file = data.build_token_file(args.data, tokenizer, args.cache, log=log if d.is_main else quiet)
+    if d.is_main:
+        barrier(d)
     budget = args.steps * args.batch * args.ctx
     order = data.sample_by_length(token_file, budget, args.seed, short=args.short_doc, long=args.long_doc,
                                   log=log if d.is_main else quiet)
@@ -487,6 +493,9 @@ def prepare(args) -> Dist:
 
 
 def run(args):
+    if args.tokenize_only:
+        data.build_token_file(args.data, data.load_tokenizer(args.model), args.cache)
+        return
     if args.plan:
         world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
         check_layout(args.ctx, args.cp, world, args.batch, args.micro_batch)
