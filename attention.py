@@ -426,15 +426,16 @@ class RingExchange:
     """Owns the transfer of one set of tensors to the next rank of the ring and the reception
     of the previous rank's set, asynchronously.
 
-        exchange.start([kv, doc_ids])    # post the send and the receive
+        exchange.start([k, v, doc_ids])   # post the sends and the receives
         ... compute on the current block ...
-        kv, doc_ids = exchange.wait()    # the previous rank's tensors
+        k, v, doc_ids = exchange.wait()   # the previous rank's tensors
 
-    Every rank posts its send before its receive in one batch_isend_irecv, the same on all
-    ranks, so neither gloo nor NCCL can deadlock, with 2 ranks (next == previous) or more.
-    Each exchange uses its own tag so that two exchanges in flight at once (keys/values forward,
-    their gradients backward) cannot be confused by gloo, which matches messages by tag.
-    A ring of one rank sends to itself: start/wait then just hand the tensors back.
+    None entries (no document ids) are not sent and come back as None. Every rank posts its
+    sends before its receives in one batch_isend_irecv, the same on all ranks, so neither gloo
+    nor NCCL can deadlock, with 2 ranks (next == previous) or more. Each exchange uses its own
+    tag so that two exchanges in flight at once (keys/values and, in the backward pass, their
+    gradients) cannot be confused by gloo, which matches messages by tag. A ring of one rank
+    sends to itself: start/wait then just hand the tensors back.
     """
 
     def __init__(self, group, rank, world_size, tag):
@@ -442,22 +443,21 @@ class RingExchange:
         self._sending, self._receiving, self._requests = None, None, None
 
     def start(self, tensors):
-        tensors = [t.contiguous() for t in tensors]
-        self._sending = tensors  # kept alive until the transfer is done
+        self._sending = [None if t is None else t.contiguous() for t in tensors]  # kept alive
         if self.world_size == 1:
-            self._receiving = tensors
+            self._receiving, self._requests = self._sending, []
             return
-        self._receiving = [torch.empty_like(t) for t in tensors]
+        self._receiving = [None if t is None else torch.empty_like(t) for t in self._sending]
         next_rank = (self.rank + 1) % self.world_size
         previous_rank = (self.rank - 1) % self.world_size
         operations = [dist.P2POp(dist.isend, t, group=self.group, group_peer=next_rank,
-                                 tag=self.tag) for t in tensors]
+                                 tag=self.tag) for t in self._sending if t is not None]
         operations += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=previous_rank,
-                                  tag=self.tag) for t in self._receiving]
+                                  tag=self.tag) for t in self._receiving if t is not None]
         self._requests = dist.batch_isend_irecv(operations)
 
     def wait(self):
-        for request in self._requests or []:
+        for request in self._requests:
             request.wait()
         received = self._receiving
         self._sending, self._receiving, self._requests = None, None, None
@@ -478,16 +478,16 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
         lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)
         q_heads, out_heads = _head_major(q), _head_major(out)
-        block = _kv_block(k, v, doc_ids)
+        block = _travelling_block(k, v, doc_ids)
         exchange = RingExchange(group, rank, world_size, _KV_TAG)
         for step in range(world_size):
             if step + 1 < world_size:
                 exchange.start(block)
-            kv, block_doc = block[0], (None if doc_ids is None else block[1])
+            block_k, block_v, block_doc = block
             rows, kv_rows, tile_causal = _ring_step_tiles(
                 rank, (rank - step) % world_size, T, causal)
-            _tiles_forward(q_heads[:, :, rows], _head_major(kv[0][:, kv_rows]),
-                           _head_major(kv[1][:, kv_rows]), out_heads[:, :, rows],
+            _tiles_forward(q_heads[:, :, rows], _head_major(block_k[:, kv_rows]),
+                           _head_major(block_v[:, kv_rows]), out_heads[:, :, rows],
                            lse[:, :, rows], tile_causal,
                            None if doc_ids is None else doc_ids[:, rows],
                            None if doc_ids is None else block_doc[:, kv_rows],
@@ -508,42 +508,44 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         q_heads, out_heads, dq_heads = _head_major(q), _head_major(out), _head_major(dq)
         dout_heads = _head_major(dout.to(q.dtype))
-        block = _kv_block(k, v, doc_ids)
+        block = _travelling_block(k, v, doc_ids)
         kv_exchange = RingExchange(ctx.group, rank, world_size, _KV_TAG)
         grad_exchange = RingExchange(ctx.group, rank, world_size, _KV_GRAD_TAG)
         for step in range(world_size):
             if step + 1 < world_size:
                 kv_exchange.start(block)
-            kv, block_doc = block[0], (None if doc_ids is None else block[1])
-            # This rank's share of the current block's gradient: (2, B, T, KV, D) fp32.
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            block_k, block_v, block_doc = block
+            if step == 0:  # our own block: we are the first to add to its gradient
+                block_dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+                block_dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            else:
+                # The accumulator of the block we now hold, from the rank that held it last
+                # step. Waiting for it before computing exposes one O(T) transfer per step
+                # (against O(T^2) of compute) and saves a third fp32 buffer per rank.
+                block_dk, block_dv = grad_exchange.wait()
             rows, kv_rows, tile_causal = _ring_step_tiles(
                 rank, (rank - step) % world_size, T, ctx.causal)
             _tiles_backward(dout_heads[:, :, rows], q_heads[:, :, rows],
-                            _head_major(kv[0][:, kv_rows]), _head_major(kv[1][:, kv_rows]),
+                            _head_major(block_k[:, kv_rows]), _head_major(block_v[:, kv_rows]),
                             out_heads[:, :, rows], lse[:, :, rows], dq_heads[:, :, rows],
-                            _head_major(dkv[0][:, kv_rows]), _head_major(dkv[1][:, kv_rows]),
+                            _head_major(block_dk[:, kv_rows]), _head_major(block_dv[:, kv_rows]),
                             tile_causal,
                             None if doc_ids is None else doc_ids[:, rows],
                             None if doc_ids is None else block_doc[:, kv_rows],
                             ctx.scale, ctx.block_size)
-            if step > 0:
-                # The shares of the ranks this block visited before us, one hop behind it.
-                dkv += grad_exchange.wait()[0]
             if step + 1 < world_size:
                 block = kv_exchange.wait()
-            grad_exchange.start([dkv])
+            grad_exchange.start([block_dk, block_dv])
         # After P hops the accumulator of our own block is back, with every rank's share.
-        dkv = grad_exchange.wait()[0]
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
+        dk, dv = grad_exchange.wait()
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 None, None, None, None, None, None, None)
 
 
-def _kv_block(k, v, doc_ids):
-    """What travels around the ring: keys and values stacked as one (2, B, T, KV, D) message,
-    and the document ids of those keys when there is a document mask."""
-    kv = torch.stack([k, v])
-    return [kv] if doc_ids is None else [kv, doc_ids]
+def _travelling_block(k, v, doc_ids):
+    """What travels around the ring: the keys and values (B, T, KV, D) of a block, with their
+    document ids (B, T) when there is a document mask."""
+    return [k, v, doc_ids]
 
 
 def _rank_in_group(group):
