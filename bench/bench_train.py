@@ -57,21 +57,24 @@ def matmul_flops(n: int = 1024, repeats: int = 10) -> float:
 def measured_peak(ctx: int, workdir: str) -> float:
     """MiB: a real train.py run in a fresh process; the peak resident memory its metrics report
     for the training steps, minus the resident memory once every module is imported."""
+    corpus, cache = os.path.join(workdir, "corpus.jsonl"), os.path.join(workdir, "cache")
     code = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
 import train, data, tqdm, safetensors.torch  # everything the loop imports, before the baseline
 import torch.distributed.checkpoint, torch.distributed.fsdp, torch.distributed._composable
+data.build_token_file([{corpus!r}], data.load_tokenizer(None), {cache!r})  # tokenized before, reused
 print(int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]))  # KiB
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak: only training counts from here
 train.run(train.fill_defaults(train.build_parser().parse_args(
-    ["--ctx", "{ctx}", "--batch", "1", "--steps", "2", "--out", {workdir!r}, "--cache", {workdir + '/cache'!r},
-     "--data", {workdir + '/corpus.txt'!r}, "--original-window", "512", "--dtype", "fp32"])))
+    ["--ctx", "{ctx}", "--batch", "1", "--steps", "2", "--out", {workdir!r}, "--cache", {cache!r},
+     "--data", {corpus!r}, "--original-window", "512", "--dtype", "fp32"])))
 """
     stdlib = os.path.dirname(os.__file__)
-    with open(os.path.join(workdir, "corpus.txt"), "w") as f:  # enough text for a few sequences
+    with open(corpus, "w") as f:  # one document per standard-library module
         for name in sorted(os.listdir(stdlib))[:60]:
             if name.endswith(".py"):
-                f.write(open(os.path.join(stdlib, name), encoding="utf-8").read())
+                f.write(json.dumps({"text": open(os.path.join(stdlib, name), encoding="utf-8").read()}) + "\n")
     # glibc keeps freed buffers below its mmap threshold in its arenas, so the resident set would
     # measure the allocator's high-water mark rather than live tensors; with a low threshold large
     # buffers are mapped per allocation and returned on free (what max_memory_allocated is on GPU)
