@@ -177,12 +177,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # h (N, D), weight (V, D), labels (N,) with -100 = ignored
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros_like(h) if need_grad else None
+        grad_h = torch.empty_like(h) if need_grad else None  # every chunk's rows are written below
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         for start in range(0, h.shape[0], chunk_size):
             hc, lc = h[start:start + chunk_size], labels[start:start + chunk_size]
             valid = lc != -100  # (c,)
             if not valid.any():
+                if need_grad:
+                    grad_h[start:start + chunk_size] = 0
                 continue
             target = lc.clamp(min=0)
             logits = (hc @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
