@@ -167,8 +167,8 @@ def _math_block_backward(dout, q, k, v, out, lse, scale, visible):
 # fp16/bf16, the memory-efficient kernel otherwise. Both return the lse and have a backward
 # that takes the final out and lse. They are called with equal head counts: the KV heads of
 # ONE block are repeated locally (a block-sized copy, made after any communication) and the
-# repeated gradients summed back. The CPU kernel accepts fewer KV heads, but runs up to 4x
-# slower that way (it parallelises over KV heads), so both devices share this path.
+# repeated gradients summed back. The CPU kernel accepts fewer KV heads, but ran 4x slower
+# that way here (4 query heads on 1 KV head, torch 2.13), so both devices share this path.
 # The CUDA calls could not be run on this project's CPU-only machines; they follow the calls
 # PyTorch's own context-parallel code makes (torch.distributed.tensor.experimental).
 
@@ -464,6 +464,7 @@ class RingExchange:
         return received
 
 
+# gloo message tags of the two exchanges that can be in flight at once
 _KV_TAG, _KV_GRAD_TAG = 0, 1
 
 

@@ -294,6 +294,7 @@ def _ring_checks(rank, world_size):
     failures = []
     for case in RING_CASES:
         failures += _compare_ring_with_reference(group, case)
+    failures += _compare_ring_with_reference(None, RING_CASES[1])  # None: the default group
 
     if world_size == 4:
         # a 2 (dp) x 2 (cp) mesh: rings over the groups {0, 1} and {2, 3}, whose ranks in the
