@@ -5,6 +5,7 @@
     python eval.py passkey --model DIR --lengths 4K,8K --depths 0,0.5,1
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--bucket 256] [--data FILES]
     python eval.py jsonl   FILE.jsonl --model DIR [--max-length 128K]
+    torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt over 8 GPUs)
     python eval.py plot    OUT_DIR        (redraws the PNG of an earlier run from its results.json)
 
 Every run writes OUT/results.json: the model, the task, the settings, one record per item (its
@@ -25,11 +26,23 @@ How a sample is built (the part that is easy to get wrong):
   * Everything random is drawn from a seed derived from (--seed, task, length, depth, index):
     the same seed gives the same sample, token for token.
 
-Long inputs are prefilled in chunks against the KV cache on ONE device (`Llama.generate` for the
+On one device, long inputs are prefilled in chunks against the KV cache (`Llama.generate` for the
 generation tasks, `chunked_token_losses` below for perplexity): memory grows linearly with the
-length and logits exist for the last position (or one chunk) only. There is NO context-parallel
-prefill under torchrun here, so nothing is padded to a multiple of 2 x cp either; an input has to
-fit one device's memory (KV cache of Llama 3.1 8B in bf16: 128 KiB per token, 128 GiB at 1M).
+length and logits exist for the last position (or one chunk) only, but the KV cache must fit one
+device (Llama 3.1 8B in bf16: 128 KiB per token, 128 GiB at 1M).
+
+Context parallel (`--cp N` under `torchrun --nproc_per_node N`; niah, passkey, ruler, jsonl):
+each prompt is split over all N processes (`cp_generate`). The prompt is padded at the end to a
+multiple of 2 x N (a real token never attends to a later one, so its result is unchanged) and
+zigzag-sharded; each rank prefills its shard with ring attention, in one pass (no chunking), and
+keeps its shard's keys and values: 1/N of the KV cache each. Decoding is greedy, one token at a
+time: every rank runs the new token through the whole model, attends to the real keys it holds
+(pads left out, the decoded tokens' keys counted on rank 0), and the ranks' partial (out, lse)
+are gathered and merged exactly in every layer: 2 all_gathers per layer per token, so decoding is
+bound by that latency. Weights are replicated (N copies of the model), one prompt at a time, no
+batching; there is no data-parallel evaluation and no cp path for ppl. Rank 0 prints and writes
+the outputs, the other ranks stay quiet. With fp32 on CPU it gives the same tokens as one device
+(tests/test_eval_cp.py); in bf16 the merge order differs from one device's, so near-ties may flip.
 
 Scoring: exact match and token F1 after SQuAD's normalisation (lower case, no punctuation, no
 articles), and RULER's string match: "all" = the fraction of references found in the prediction,
@@ -38,6 +51,7 @@ articles), and RULER's string match: "all" = the fraction of references found in
 
 import argparse
 import collections
+import contextlib
 import csv
 import hashlib
 import json
@@ -48,13 +62,17 @@ import re
 import string
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+import attention
 import data
 import model as M
+import train
 
 
 class EvalError(ValueError):
@@ -603,15 +621,20 @@ def chunked_token_losses(model, tokens: list[int], chunk: int = 4096) -> np.ndar
     return losses.numpy()
 
 
-def run_generation_task(model, tok, samples, total: int, score, desc: str, prefill_chunk: int = 4096) -> list[dict]:
+def run_generation_task(model, tok, samples, total: int, score, desc: str, prefill_chunk: int = 4096,
+                        cp: int = 1) -> list[dict]:
     """Greedy generation for each sample (built lazily: a 1M-token prompt exists one at a time);
-    returns one record per sample with its prediction and scores."""
+    returns one record per sample with its prediction and scores. With cp > 1 every rank of the
+    launch builds the same samples and generates each one together (cp_generate)."""
     items, bar = [], None
     for sample in samples:
         if bar is None:  # opened after the first sample is built, so a sizing error prints alone
             bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
-        new = model.generate(sample["tokens"], sample["max_new_tokens"], stop_ids=tuple(tok.stop_ids),
-                             prefill_chunk=prefill_chunk)
+        if cp > 1:
+            new = cp_generate(model, sample["tokens"], sample["max_new_tokens"], stop_ids=tuple(tok.stop_ids))
+        else:
+            new = model.generate(sample["tokens"], sample["max_new_tokens"], stop_ids=tuple(tok.stop_ids),
+                                 prefill_chunk=prefill_chunk)
         stopped = bool(new) and new[-1] in tok.stop_ids
         prediction = tok.decode(new[:-1] if stopped else new)
         record = {k: v for k, v in sample.items() if k != "tokens"}
@@ -624,6 +647,151 @@ def run_generation_task(model, tok, samples, total: int, score, desc: str, prefi
     if bar is not None:
         bar.close()
     return items
+
+
+# ----------------------------------------------------------------------------------------------
+# context-parallel generation: one prompt split over the ranks of a torchrun launch
+#
+# Prefill: the prompt, padded at the end to a multiple of 2 x cp, is zigzag-sharded; each rank
+# runs the whole model on its shard with ring attention and keeps its shard's keys and values in
+# its own KV caches. Decode: every rank runs the new token through the model (the same input and
+# weights, so the same q, k, v everywhere); in each layer it attends to the keys it holds, and the
+# ranks' partial results (out, lse) are gathered and merged exactly. The new token's own key is
+# appended by the model to every rank's cache but counted on rank 0 only.
+
+def check_cp_launch(cp: int, world: int):
+    """Fail before loading anything when --cp does not match the processes torchrun started."""
+    if cp < 1:
+        raise EvalError(f"--cp must be at least 1, got {cp}")
+    if world < cp:
+        raise EvalError(f"--cp {cp} needs {cp} processes but {world} were started; "
+                        f"launch with torchrun --nproc_per_node {cp} eval.py ...")
+    if world % cp != 0:
+        raise EvalError(f"world size {world} is not divisible by --cp {cp}")
+    if world != cp:
+        raise EvalError(f"{world} processes were started for --cp {cp}, but evaluation splits each prompt over "
+                        f"every process (there is no data-parallel evaluation); pass --cp {world}")
+
+
+def is_main_rank() -> bool:
+    """True unless this is a rank other than 0 of a cp launch (those help generate, rank 0 reports)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def cp_padded_length(n: int, cp: int) -> int:
+    """The prompt length rounded up to a multiple of 2 x cp, the zigzag shard's unit."""
+    return -(-n // (2 * cp)) * (2 * cp)
+
+
+def runs_of_true(mask: torch.Tensor) -> list[slice]:
+    """The runs of True in a 1-D bool tensor: [T, T, F, T] -> [slice(0, 2), slice(3, 4)]."""
+    edges = torch.diff(torch.nn.functional.pad(mask.int(), (1, 1)))  # +1 where a run starts, -1 after it ends
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return [slice(a, b) for a, b in zip(starts, ends)]
+
+
+@contextlib.contextmanager
+def attention_swapped(model, attention_fn):
+    """Use attention_fn in every layer (model.set_attention) for the duration, then the model's own."""
+    original = model.layers[0].attention.attention_fn
+    model.set_attention(attention_fn)
+    try:
+        yield
+    finally:
+        model.set_attention(original)
+
+
+@torch.no_grad()
+def cp_prefill(model, prompt: list[int], group=None, room: int = 0,
+               block_size: int = attention.DEFAULT_BLOCK_SIZE):
+    """Prefill `prompt` split over the ranks of `group` (None: all of them).
+
+    Returns (logits of the last prompt token (1, vocab) fp32, the same on every rank; this rank's
+    caches, one KVCache per layer with `room` slots left for decoding; this rank's global positions
+    (T,), T = padded length / cp). The pads go at the END: under the causal mask no real token
+    attends to a later one, so every real token's result is exactly the unpadded one. The pads' keys
+    sit in the caches like any others; cp_decode_attention leaves them out.
+    """
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    weight, n = model.output.weight, len(prompt)
+    padded = torch.tensor(prompt + [0] * (cp_padded_length(n, cp) - n))  # any token id would do as a pad
+    positions = attention.zigzag_indices(len(padded), rank, cp)  # (T,): chunks rank and 2cp-1-rank
+    tokens = padded[positions].to(weight.device)[None]  # (1, T)
+    args = model.args
+    caches = [M.KVCache(1, len(positions) + room, args.n_kv_heads, args.head_dim, weight.dtype, weight.device)
+              for _ in model.layers]
+    # the whole shard in one pass: ring attention needs every rank's chunk of the same layer at once
+    local_positions = positions.to(weight.device)
+    with attention_swapped(model, partial(attention.ring_attention, group=group, block_size=block_size)):
+        h = model.hidden_states(tokens, local_positions[None], caches=caches)  # (1, T, dim)
+    # the last real token lives on one rank: it adds its hidden state, the others add zeros
+    h_last = h[0, local_positions == n - 1].sum(0, keepdim=True)  # (1, dim)
+    dist.all_reduce(h_last, group=group)
+    return model.output(h_last).float(), caches, positions
+
+
+def cp_decode_attention(prompt_keys: list[slice], n_prompt_keys: int, group=None,
+                        block_size: int = attention.DEFAULT_BLOCK_SIZE):
+    """The attention function (Attention.attention_fn) for one decode step under cp.
+
+    prompt_keys: the slices of this rank's cache that hold real prompt keys (not pads); after the
+    first n_prompt_keys slots come the decoded tokens' keys, which the model appends on every rank
+    and which count on rank 0 only, so that each key is counted exactly once. The partial result
+    over this rank's keys is gathered from every rank and merged in rank order on every rank, so
+    all ranks get the same output, bit for bit.
+    """
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+
+    def attend(q, k, v, causal=True, doc_ids=None):
+        # q (1, 1, H, D): the new token, the same on every rank. k, v (1, Tk, KV, D): this rank's
+        # cache, the new token's key included. No causal mask: every cached key is earlier.
+        B, _, H, D = q.shape
+        keys = prompt_keys + ([slice(n_prompt_keys, k.shape[1])] if rank == 0 else [])
+        q_heads, k_heads, v_heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # head-major views
+        out = torch.zeros(B, H, 1, D, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, H, 1), float("-inf"), dtype=torch.float32, device=q.device)  # no key seen yet
+        for run in keys:
+            for start in range(run.start, run.stop, block_size):  # bounded memory for the kernel's copies
+                cols = slice(start, min(start + block_size, run.stop))
+                block_out, block_lse = attention.attention_block_forward(
+                    q_heads, k_heads[:, :, cols], v_heads[:, :, cols], 1.0 / math.sqrt(D))
+                attention.merge_partial_attention(out, lse, block_out, block_lse)
+        outs, lses = [torch.empty_like(out) for _ in range(cp)], [torch.empty_like(lse) for _ in range(cp)]
+        dist.all_gather(outs, out, group=group)
+        dist.all_gather(lses, lse, group=group)
+        out.zero_()
+        lse.fill_(float("-inf"))
+        for rank_out, rank_lse in zip(outs, lses):
+            attention.merge_partial_attention(out, lse, rank_out, rank_lse)
+        return out.transpose(1, 2).to(q.dtype)  # (1, 1, H, D)
+
+    return attend
+
+
+@torch.no_grad()
+def cp_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=(), group=None,
+                block_size: int = attention.DEFAULT_BLOCK_SIZE) -> list[int]:
+    """Greedy continuation of one prompt split over the ranks of `group` (None: all of them); every
+    rank returns the same new token ids (the stop token included if hit), as Llama.generate does.
+    The model's attention function is swapped for the run and put back afterwards."""
+    device, n = model.output.weight.device, len(prompt)
+    logits, caches, positions = cp_prefill(model, prompt, group, room=max_new_tokens, block_size=block_size)
+    out = []
+    with attention_swapped(model, cp_decode_attention(runs_of_true(positions < n), len(positions), group,
+                                                      block_size)):
+        for i in range(max_new_tokens):
+            # the ranks compute the same logits; rank 0's choice is sent anyway, one integer, because
+            # ranks that disagreed by one token would stop at different steps and hang the others
+            next_id = logits.argmax(-1).to(torch.long)  # (1,)
+            dist.broadcast(next_id, group=group, group_src=0)
+            out.append(int(next_id))
+            if out[-1] in stop_ids or len(out) == max_new_tokens:
+                break
+            position = torch.tensor([[n + i]], device=device)  # the real prompt's length, not the padded one
+            h = model.hidden_states(next_id.view(1, 1), position, caches=caches)  # (1, 1, dim)
+            logits = model.output(h[:, -1]).float()  # (1, vocab)
+    return out
 
 
 def mean(values) -> float:
@@ -722,7 +890,9 @@ def run_depth_grid(args, model, tok, task: str, make_sample, score, metric: str)
     """niah and passkey: every length x depth x sample, a heatmap of `metric`."""
     cells = [(n, d, i) for n in args.lengths for d in args.depths for i in range(args.samples)]
     samples = (make_sample(n, d, derive_seed(args.seed, task, n, d, i)) for n, d, i in cells)
-    items = run_generation_task(model, tok, samples, len(cells), score, task, args.prefill_chunk)
+    items = run_generation_task(model, tok, samples, len(cells), score, task, args.prefill_chunk, args.cp)
+    if not is_main_rank():  # the other ranks of a cp launch only helped generate
+        return None
     aggregate = grid_aggregate(items, args.lengths, args.depths, metric)
     write_results(args.out, args.model, task, settings(args), items, aggregate)
     png = os.path.join(args.out, f"{task}_heatmap.png")
@@ -772,7 +942,9 @@ def run_ruler(args, model, tok):
         return {"string_match_all": ruler_string_match_all(prediction, answers),
                 "string_match_part": ruler_string_match_part(prediction, answers)}
 
-    items = run_generation_task(model, tok, samples, len(cells), score, "ruler", args.prefill_chunk)
+    items = run_generation_task(model, tok, samples, len(cells), score, "ruler", args.prefill_chunk, args.cp)
+    if not is_main_rank():
+        return None
     # RULER reports string_match_all x 100 for these tasks (part is for its QA tasks)
     table = {format_length(n): {t: 100 * mean(it["scores"]["string_match_all"] for it in items
                                               if it["length"] == n and it["task"] == t) for t in tasks}
@@ -857,7 +1029,9 @@ def run_jsonl(args, model, tok):
     def score(prediction, answers):
         return {"exact_match": exact_match(prediction, answers), "f1": token_f1(prediction, answers)}
 
-    items = run_generation_task(model, tok, samples, len(records), score, "jsonl", args.prefill_chunk)
+    items = run_generation_task(model, tok, samples, len(records), score, "jsonl", args.prefill_chunk, args.cp)
+    if not is_main_rank():
+        return None
     aggregate = {"exact_match": mean(it["scores"]["exact_match"] for it in items),
                  "f1": mean(it["scores"]["f1"] for it in items),
                  "truncated": sum(it["truncated"] for it in items), "records": len(items)}
@@ -934,10 +1108,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated, e.g. 1K,4K,16K (default: window/8, /4, /2 and the window)")
     samples = argparse.ArgumentParser(add_help=False)
     samples.add_argument("--samples", type=int, default=1, help="samples per cell")
+    context_parallel = argparse.ArgumentParser(add_help=False)
+    context_parallel.add_argument("--cp", type=int, default=1,
+                                  help="split each prompt over this many processes, all of the launch: "
+                                       "torchrun --nproc_per_node N eval.py TASK --cp N (--prefill-chunk unused)")
 
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
     sub = p.add_subparsers(dest="task", required=True)
-    niah = sub.add_parser("niah", parents=[common, lengths, samples],
+    niah = sub.add_parser("niah", parents=[common, lengths, samples, context_parallel],
                           help="needle in a haystack: length x depth heatmap")
     niah.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
     niah.add_argument("--haystack", nargs="+", default=None,
@@ -945,18 +1123,20 @@ def build_parser() -> argparse.ArgumentParser:
     niah.add_argument("--needle", default=None, help="your needle, containing {value} (and optionally {key})")
     niah.add_argument("--question", default=None, help="the question that goes with --needle ({key} allowed)")
     niah.add_argument("--answer-prefix", default=None, help="text the answer starts with, after the question")
-    ruler = sub.add_parser("ruler", parents=[common, lengths, samples],
+    ruler = sub.add_parser("ruler", parents=[common, lengths, samples, context_parallel],
                            help="RULER-style synthetic tasks, a table per length")
     ruler.add_argument("--tasks", default="all", help=f"comma-separated from {','.join(RULER_TASKS)} (default: all)")
     ruler.add_argument("--haystack", nargs="+", default=None, help="haystack text for the niah tasks")
-    passkey = sub.add_parser("passkey", parents=[common, lengths, samples], help="passkey retrieval in filler text")
+    passkey = sub.add_parser("passkey", parents=[common, lengths, samples, context_parallel],
+                             help="passkey retrieval in filler text")
     passkey.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     ppl = sub.add_parser("ppl", parents=[common, lengths],
                          help="perplexity by position, bucketed (sequences of the largest --lengths)")
     ppl.add_argument("--docs", type=int, default=4, help="sequences to average over")
     ppl.add_argument("--bucket", type=parse_length, default=None, help="bucket width, e.g. 1K (default: length/16)")
     ppl.add_argument("--data", nargs="+", default=None, help="documents (default: the built-in corpus)")
-    jsonl = sub.add_parser("jsonl", parents=[common], help="a local {context, input, answers} JSONL file")
+    jsonl = sub.add_parser("jsonl", parents=[common, context_parallel],
+                           help="a local {context, input, answers} JSONL file")
     jsonl.add_argument("file")
     jsonl.add_argument("--max-length", type=parse_length, default=None, help="default: the model's window")
     plot = sub.add_parser("plot", help="redraw the PNG of an earlier run from its results.json")
@@ -999,17 +1179,38 @@ def fill_defaults(args, window: int):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # under torchrun every process runs main; all but rank 0 stay quiet and write nothing
+    reporting = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    joined_group = False
     try:
         if args.task == "plot":
             plot_saved(args)
             return 0
-        model, tok = load_model(args.model, args.dtype, args.device)
-        fill_defaults(args, model.args.max_seq_len)
-        args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
-        TASKS[args.task](args, model, tok)
+        if not hasattr(args, "cp") and world > 1:
+            raise EvalError(f"{args.task} has no context-parallel path; run it as one process, without torchrun")
+        args.cp = getattr(args, "cp", 1)
+        check_cp_launch(args.cp, world)
+        device = args.device
+        if args.cp > 1:
+            device = str(train.setup_distributed(args.cp).device)  # gloo on CPU, NCCL on cuda:LOCAL_RANK
+            joined_group = True
+        with contextlib.ExitStack() as quiet:
+            if not reporting:
+                devnull = quiet.enter_context(open(os.devnull, "w"))
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))  # progress bars and warnings
+            model, tok = load_model(args.model, args.dtype, device)
+            fill_defaults(args, model.args.max_seq_len)
+            args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
+            TASKS[args.task](args, model, tok)
     except (EvalError, data.DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if reporting:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if joined_group:
+            dist.destroy_process_group()
     return 0
 
 

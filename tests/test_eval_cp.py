@@ -1,0 +1,150 @@
+"""eval.py's context-parallel generation against one device: two gloo processes split a prompt
+(padded to a multiple of 2 x cp) and must produce exactly the tokens Llama.generate produces in one
+process, and the prefill's last-position logits within 1e-4; a launch that does not match --cp
+fails with one sentence."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import eval as E
+import model as M
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CP = 2
+# (prompt length, max new tokens, block size). 1: rank 1 holds only pads; 5: the pads span two
+# chunks on two ranks; 13: not a multiple of 2 x cp = 4; 16: a multiple, no pad. Block size 3 cuts
+# the decode attention and the ring's tiles into several blocks.
+CASES = [(1, 4, 4096), (5, 6, 4096), (13, 8, 4096), (13, 8, 3), (16, 8, 4096)]
+LOGIT_TOLERANCE = 1e-4
+
+
+def tiny_model():
+    # std 0.1 rather than 0.02: sharp attention, so a wrong position or a key counted twice
+    # changes the greedy tokens (at 0.02 attention is nearly uniform and hides such bugs)
+    model = M.Llama(M.preset("tiny"))
+    model.init_weights(std=0.1, seed=0)
+    return model.eval()
+
+
+def _cp_checks(rank):
+    """Every comparison one rank makes; returns a list of failure messages."""
+    model, failures = tiny_model(), []
+    generator = torch.Generator().manual_seed(0)  # the same prompts on every rank
+    for n, max_new, block_size in CASES:
+        prompt = torch.randint(0, model.args.vocab_size, (n,), generator=generator).tolist()
+        expected_logits = model(torch.tensor([prompt]))[0, -1]  # (vocab,), one device, no cache
+        expected = model.generate(prompt, max_new)
+        logits, _, _ = E.cp_prefill(model, prompt, room=max_new, block_size=block_size)
+        error = (logits[0] - expected_logits).abs().max().item()
+        if not error <= LOGIT_TOLERANCE:
+            failures.append(f"rank {rank}, length {n}: prefill logits differ by {error:.2e}")
+        got = E.cp_generate(model, prompt, max_new, block_size=block_size)
+        if got != expected:
+            failures.append(f"rank {rank}, length {n}, block {block_size}: cp gave {got}, one device {expected}")
+        # a stop token ends both at the same place
+        stop = expected[2]
+        got = E.cp_generate(model, prompt, max_new, stop_ids=(stop,), block_size=block_size)
+        if got != expected[:expected.index(stop) + 1]:
+            failures.append(f"rank {rank}, length {n}: with stop {stop} cp gave {got}, one device {expected}")
+    if model.layers[0].attention.attention_fn is not M.chunked_attention:
+        failures.append(f"rank {rank}: cp_generate did not put the model's attention function back")
+    return failures
+
+
+def _cp_worker(rank, port, results):
+    torch.set_num_threads(1)  # two processes share two busy cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CP)
+    try:
+        failures = _cp_checks(rank)
+    except Exception:  # report it: the parent's assertion shows the traceback
+        failures = [f"rank {rank}: {traceback.format_exc()}"]
+    results.put((rank, failures))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cp_generation_matches_one_device():
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_cp_worker, args=(rank, port, results)) for rank in range(CP)]
+    for process in processes:
+        process.start()
+    try:
+        reports = dict(results.get(timeout=180) for _ in range(CP))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():  # a hang (e.g. ranks that disagree on a step) must not outlive the test
+                process.kill()
+    assert sorted(reports) == list(range(CP))
+    failures = [failure for rank in sorted(reports) for failure in reports[rank]]
+    assert not failures, "\n".join(failures)
+
+
+def test_padding_and_key_runs():
+    assert [E.cp_padded_length(n, 2) for n in (1, 4, 5, 13, 16)] == [4, 4, 8, 16, 16]
+    assert E.runs_of_true(torch.tensor([True, True, False, True])) == [slice(0, 2), slice(3, 4)]
+    assert E.runs_of_true(torch.tensor([False, False])) == []
+
+
+@pytest.mark.parametrize("cp, world, words", [
+    (2, 1, "--cp 2 needs 2 processes but 1 were started"),
+    (2, 3, "world size 3 is not divisible by --cp 2"),
+    (2, 4, "pass --cp 4"),
+    (0, 1, "--cp must be at least 1"),
+])
+def test_cp_launch_that_does_not_fit_is_refused(cp, world, words):
+    with pytest.raises(E.EvalError, match=words):
+        E.check_cp_launch(cp, world)
+
+
+def test_cli_refuses_cp_without_enough_processes_in_one_sentence(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # not under torchrun: one process
+    argv = ["passkey", "--model", str(tmp_path / "never-loaded"), "--cp", "2", "--lengths", "256"]
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cp 2 needs 2 processes") and "\n" not in err
+    E.check_cp_launch(1, 1)  # and the ordinary single-process run passes the check
+
+
+def test_ppl_under_torchrun_is_refused_in_one_sentence(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; ppl has no --cp
+    assert E.main(["ppl", "--model", str(tmp_path / "never-loaded")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ppl has no context-parallel path") and "\n" not in err
+
+
+def test_torchrun_passkey_with_cp_matches_one_process(tmp_path, monkeypatch):
+    """The CLI path: `torchrun --nproc_per_node 2 eval.py passkey --cp 2` writes, from rank 0 only,
+    the predictions a single process writes. A prompt of 442 tokens: not a multiple of 4."""
+    model_dir, cache = str(tmp_path / "tiny"), str(tmp_path / "cache")
+    tiny_model().save_pretrained(model_dir, tokenizer=data.builtin_tokenizer())
+    argv = ["passkey", "--model", model_dir, "--cache", cache, "--lengths", "450", "--depths", "0.5",
+            "--max-new-tokens", "8"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(CP),
+              "eval.py", *argv, "--cp", str(CP), "--out", str(tmp_path / "cp")]
+    run = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("results.json") == 1  # rank 1 stays quiet
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert E.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    cp, one = (json.load(open(tmp_path / d / "results.json")) for d in ("cp", "one"))
+    assert [it["prompt_tokens"] for it in cp["items"]] == [442]
+    assert [it["prediction"] for it in cp["items"]] == [it["prediction"] for it in one["items"]]
+    assert cp["settings"]["cp"] == CP
