@@ -146,7 +146,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Hugging Face Llama checkpoints store q/k projections permuted for this half-split pairing,
     so the weights load without any reordering.
     """
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    # in x's dtype: under autocast q/k come out of bf16 matmuls while cos/sin were made for the
+    # fp32 residual stream, and fp32 q/k would send attention to a far slower fp32 kernel
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)  # broadcast over heads
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

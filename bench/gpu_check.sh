@@ -7,7 +7,7 @@ set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 240 python3 bench/bench_gpu.py 2>&1 | tee "$OUT/attention.txt"
+[ "${1:-all}" = train ] || timeout 240 python3 bench/bench_gpu.py 2>&1 | tee "$OUT/attention.txt"
 timeout 90 python3 - <<'PY' 2>&1 | tee "$OUT/make_model.txt"
 import torch, model as M, data
 args = M.preset("llama3.2-1b")
@@ -21,8 +21,10 @@ m.to(torch.bfloat16).save_pretrained("/tmp/m1b", tokenizer=data.load_tokenizer(N
 print("saved a random", M.count_params(args) / 1e9, "B-parameter model")
 PY
 # the steps' metrics are written as they finish; the final checkpoint and export are cut off
-timeout 200 python3 train.py --model /tmp/m1b --ctx 64K --batch 1 --steps 4 --lr 1e-5 \
-    --original-window 8192 --dtype bf16 --out /tmp/run --cache /tmp/cache 2>&1 | tail -5 | tee "$OUT/train.txt"
+# (SIGINT at the limit: the traceback says where it was)
+timeout -s INT 300 python3 train.py --model /tmp/m1b --ctx 64K --batch 1 --steps 4 --lr 1e-5 \
+    --original-window 8192 --dtype bf16 --out /tmp/run --cache /tmp/cache > "$OUT/train.txt" 2>&1
+tail -c 3000 "$OUT/train.txt"
 cp /tmp/run/metrics.jsonl "$OUT/metrics.jsonl"
 python3 train.py --plan --model /tmp/m1b --ctx 64K --world 1 --cp 1 --batch 1 --dtype bf16 \
     --gpu-memory 139G --steps 4 2>&1 | tee "$OUT/plan.txt"
