@@ -101,9 +101,9 @@ def fill_defaults(args):
     if args.lr is None:
         args.lr = 1e-3 if tiny else 3e-5
     if args.batch is None:
-        args.batch = 4 if tiny else 2
+        args.batch = 2
     if args.steps is None and args.tokens is None and tiny:
-        args.steps = 40
+        args.steps = 32
     elif args.steps is None:
         tokens = rope.parse_size(args.tokens) if args.tokens else 10 ** 9  # the paper's 1B tokens
         args.steps = max(1, math.ceil(tokens / (args.batch * args.ctx)))
