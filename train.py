@@ -58,7 +58,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each layer in backward (default: on for GPUs, off on CPU where memory is ample)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
@@ -367,7 +368,7 @@ def print_plan(args, world: int):
              else M.preset(args.model or "tiny"))
     gpu = rope.parse_size(args.gpu_memory)
     b = 4 if args.dtype == "fp32" else 2
-    plan = memory_plan(margs, args.ctx, world, args.cp, args.micro_batch, b, args.activation_checkpointing)
+    plan = memory_plan(margs, args.ctx, world, args.cp, args.micro_batch, b, args.activation_checkpointing is not False)
     total = sum(plan.values())
     print(f"memory plan per GPU: {args.model or 'tiny'}, ctx {args.ctx:,}, world {world} = dp {world // args.cp} "
           f"x cp {args.cp}, micro-batch {args.micro_batch}, {'bf16' if b == 2 else 'fp32'} compute")
@@ -488,6 +489,8 @@ def prepare(args) -> Dist:
         raise SystemExit(f"error: --resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
     if args.dtype is None:
         args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = torch.cuda.is_available()
     torch.manual_seed(args.seed)
     return setup_distributed(args.cp)
 

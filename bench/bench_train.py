@@ -68,7 +68,8 @@ print(int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).sp
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: only training counts from here
 train.run(train.fill_defaults(train.build_parser().parse_args(
     ["--ctx", "{ctx}", "--batch", "1", "--steps", "2", "--out", {workdir!r}, "--cache", {cache!r},
-     "--data", {corpus!r}, "--original-window", "512", "--dtype", "fp32"])))
+     "--data", {corpus!r}, "--original-window", "512", "--dtype", "fp32",
+     "--activation-checkpointing"])))
 """
     stdlib = os.path.dirname(os.__file__)
     with open(corpus, "w") as f:  # one document per standard-library module

@@ -31,7 +31,7 @@ def train_cmd(tmp, out, nproc=1, extra=(), activation_checkpointing=False):
     return [*launcher, os.path.join(ROOT, "train.py"), "--data", str(tmp / "corpus.jsonl"), "--out", str(out),
             "--cache", str(tmp / "cache"), "--ctx", "256", "--batch", "4", "--steps", str(STEPS),
             "--original-window", "64", *extra,
-            *([] if activation_checkpointing else ["--no-activation-checkpointing"])]
+            "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
 
 
 def run(cmd, **kw):
