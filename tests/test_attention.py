@@ -6,18 +6,16 @@ gradients, and reports every failure back to the parent, where the test asserts.
 """
 
 import math
-import socket
-import traceback
 from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import attention
+from gloo import run_on_gloo
 from attention import (
     _attention_tiles, attention_block_backward, attention_block_forward, chunked_attention,
     merge_partial_attention, reference_attention, ring_attention, zigzag_indices, zigzag_shard,
@@ -331,40 +329,7 @@ def _ring_checks(rank, world_size):
     return failures
 
 
-def _ring_worker(rank, world_size, port, results):
-    torch.set_num_threads(1)  # up to 4 processes share 2 cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
-    try:
-        failures = _ring_checks(rank, world_size)
-    except Exception:  # report it: the parent's assertion shows the traceback
-        failures = [f"rank {rank}: {traceback.format_exc()}"]
-    results.put((rank, failures))
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_ring_attention_matches_single_device(world_size):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_ring_worker, args=(rank, world_size, port, results))
-                 for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(results.get(timeout=180) for _ in range(world_size))
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():  # a hang (e.g. a deadlocked ring) must not outlive the test
-                process.kill()
-    assert sorted(reports) == list(range(world_size))
-    failures = [failure for rank in sorted(reports) for failure in reports[rank]]
+    failures = run_on_gloo(_ring_checks, world_size)
     assert not failures, "\n".join(failures)

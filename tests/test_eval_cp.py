@@ -5,17 +5,14 @@ fails with one sentence."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import data
+from gloo import run_on_gloo
 import eval as E
 import model as M
 
@@ -36,7 +33,7 @@ def tiny_model():
     return model.eval()
 
 
-def _cp_checks(rank):
+def _cp_checks(rank, world_size):
     """Every comparison one rank makes; returns a list of failure messages."""
     model, failures = tiny_model(), []
     generator = torch.Generator().manual_seed(0)  # the same prompts on every rank
@@ -61,39 +58,8 @@ def _cp_checks(rank):
     return failures
 
 
-def _cp_worker(rank, port, results):
-    torch.set_num_threads(1)  # two processes share two busy cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CP)
-    try:
-        failures = _cp_checks(rank)
-    except Exception:  # report it: the parent's assertion shows the traceback
-        failures = [f"rank {rank}: {traceback.format_exc()}"]
-    results.put((rank, failures))
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cp_generation_matches_one_device():
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_cp_worker, args=(rank, port, results)) for rank in range(CP)]
-    for process in processes:
-        process.start()
-    try:
-        reports = dict(results.get(timeout=180) for _ in range(CP))
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():  # a hang (e.g. ranks that disagree on a step) must not outlive the test
-                process.kill()
-    assert sorted(reports) == list(range(CP))
-    failures = [failure for rank in sorted(reports) for failure in reports[rank]]
+    failures = run_on_gloo(_cp_checks, CP)
     assert not failures, "\n".join(failures)
 
 
