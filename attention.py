@@ -28,12 +28,16 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend
 
 aten = torch.ops.aten
 
 # Keys (and queries) per tile. One tile for anything up to this length, so short sequences cost
-# one fused kernel call; above it, memory is O(T x block) instead of O(T^2).
-DEFAULT_BLOCK_SIZE = 4096
+# one fused kernel call; above it, memory is O(T x block) instead of O(T^2). Every tile adds
+# merges and fp32 accumulations that move memory without doing attention, and a larger tile
+# spreads them over more work: at 128K tokens on an H200 (bf16, Llama 3.1 8B's heads), blocks of
+# 4096 / 8192 / 16384 reached 0.83x / 0.92x / 0.97x of fused SDPA's TFLOP/s (bench/README.md).
+DEFAULT_BLOCK_SIZE = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +110,8 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
 
 
 # The math path materialises its scores, so it runs MATH_ROWS query rows at a time: at most
-# (B, H, MATH_ROWS, Tk) fp32 scores at once (256 MiB for 32 heads and 4096 keys).
-MATH_ROWS = 512
+# (B, H, MATH_ROWS, Tk) fp32 scores at once (256 MiB for 32 heads and 16384 keys).
+MATH_ROWS = 128
 
 
 def _visible_keys(q, k, causal, mask):
@@ -163,14 +167,16 @@ def _math_block_backward(dout, q, k, v, out, lse, scale, visible):
     return dq, dk, dv
 
 
-# The fused kernels: CPU: PyTorch's flash-attention kernel for CPU. CUDA: FlashAttention-2 for
-# fp16/bf16, the memory-efficient kernel otherwise. Both return the lse and have a backward
-# that takes the final out and lse. They are called with equal head counts: the KV heads of
-# ONE block are repeated locally (a block-sized copy, made after any communication) and the
-# repeated gradients summed back. The CPU kernel accepts fewer KV heads, but ran 4x slower
-# that way here (4 query heads on 1 KV head, torch 2.13), so both devices share this path.
-# The CUDA calls could not be run on this project's CPU-only machines; they follow the calls
-# PyTorch's own context-parallel code makes (torch.distributed.tensor.experimental).
+# The fused kernels. All of them return the lse and have a backward that takes the final out and
+# lse. CPU: PyTorch's flash-attention kernel for CPU, called with equal head counts: the KV heads
+# of ONE block are repeated locally (a block-sized copy, made after any communication) and the
+# repeated gradients summed back; the CPU kernel accepts fewer KV heads, but ran 4x slower that
+# way here (4 query heads on 1 KV head, torch 2.13). CUDA: whichever kernel
+# F.scaled_dot_product_attention itself would run on these inputs. On Hopper that is cuDNN's
+# attention: the FlashAttention-2 kernel this file used to call by name took 1.9x its time on the
+# same tiles of an H200 and held chunked attention to half of SDPA's TFLOP/s (bench/README.md).
+# On older GPUs it is FlashAttention-2; for fp32 the memory-efficient kernel. cuDNN and
+# FlashAttention-2 take the KV heads as they are (GQA), the memory-efficient kernel repeated.
 
 def _repeat_kv_heads(x, n_heads):
     """(B, KV, T, D) -> (B, H, T, D), query head h using KV head h // (H / KV), as in Llama."""
@@ -182,42 +188,65 @@ def _sum_kv_heads(grad, n_kv_heads):
     return grad if grad.shape[1] == n_kv_heads else grad.unflatten(1, (n_kv_heads, -1)).sum(2)
 
 
-def _cuda_uses_flash(q):
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+def _cuda_kernel(q, k, v, scale, causal):
+    """CUDNN_ATTENTION or FLASH_ATTENTION where F.scaled_dot_product_attention would run that
+    kernel on these inputs, KV heads as they are (it follows torch.nn.attention.sdpa_kernel and
+    torch.use_deterministic_algorithms too); else EFFICIENT_ATTENTION, fp32 included, which
+    SDPA does not offer for fewer KV heads and so gets them repeated."""
+    try:
+        choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal, scale=scale,
+                                                    enable_gqa=True))
+    except RuntimeError:  # no SDPA kernel is allowed for these inputs (sdpa_kernel settings)
+        choice = SDPBackend.ERROR
+    if choice in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        return choice
+    return SDPBackend.EFFICIENT_ATTENTION
 
 
 def _fused_block_forward(q, k, v, scale, causal):
-    H, Tq = q.shape[1], q.shape[2]
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    B, H, Tq = q.shape[:3]
     if q.device.type == "cpu":
+        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    if _cuda_uses_flash(q):
-        out, lse = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale)[:2]
-    else:
-        out, lse = aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    kernel = _cuda_kernel(q, k, v, scale, causal)
+    if kernel == SDPBackend.CUDNN_ATTENTION:
+        out, lse = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.reshape(B, H, Tq)  # cuDNN's lse has a trailing dimension of 1
+    if kernel == SDPBackend.FLASH_ATTENTION:
+        return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                        scale=scale)[:2]
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    out, lse = aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
 
 
 def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
     H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
     if q.device.type == "cpu":
+        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale)
         return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
-    # No dropout, so the random-number state the kernels take is never read.
+    # No dropout, so the random-number state the kernels take is never read (cuDNN still wants
+    # it on the GPU).
     no_rng = torch.empty((), dtype=torch.long)
-    if _cuda_uses_flash(q):
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+    kernel = _cuda_kernel(q, k, v, scale, causal)
+    if kernel == SDPBackend.CUDNN_ATTENTION:
+        no_rng = torch.empty((), dtype=torch.long, device=q.device)
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, Tq, Tk,
+            0.0, causal, scale=scale)
+    if kernel == SDPBackend.FLASH_ATTENTION:
+        return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
             scale=scale)
-    else:
-        lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
-            causal, scale=scale)
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
+        causal, scale=scale)
     return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
 
 
@@ -382,7 +411,8 @@ def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
     doc_ids (B, Tk) integer document ids, or None: when given, a query only sees keys of its own
     document (the queries' ids are the last Tq of them). Tiles above the causal diagonal or
     between different documents are skipped; peak memory is O(T x block_size) in forward and
-    backward. Differentiable, deterministic (safe under activation checkpointing).
+    backward. Differentiable; the forward is deterministic (safe under activation
+    checkpointing).
     """
     _check_attention_inputs(q, k, v, doc_ids)
     if causal and k.shape[1] < q.shape[1]:

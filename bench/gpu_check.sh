@@ -3,11 +3,15 @@
 # attention exactness and TFLOP/s (bench_gpu.py), then a real train.py run of a random
 # Llama-3.2-1B-shaped model at 64K tokens (MFU, peak memory) against train.py --plan.
 # Results go to $OUT (or ./gpu_out).
+#   bash bench/gpu_check.sh [all|attention|train] [bench_gpu.py options]
+#   e.g. bash bench/gpu_check.sh attention --blocks 4096,16384 --ablations --profile
 set -u
+MODE=${1:-all}; shift $(( $# > 0 ? 1 : 0 ))
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-[ "${1:-all}" = train ] || timeout 240 python3 bench/bench_gpu.py 2>&1 | tee "$OUT/attention.txt"
+[ "$MODE" = train ] || timeout 240 python3 bench/bench_gpu.py "$@" 2>&1 | tee "$OUT/attention.txt"
+[ "$MODE" = attention ] && exit 0
 timeout 90 python3 - <<'PY' 2>&1 | tee "$OUT/make_model.txt"
 import torch, model as M, data
 args = M.preset("llama3.2-1b")

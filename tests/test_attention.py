@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 import attention
@@ -214,6 +215,33 @@ def test_chunked_attention_returns_the_input_dtype():
     out = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), block_size=8)
     assert out.dtype == torch.bfloat16
     assert relative_error(out, reference_attention(q, k, v)[0]) < 2e-2
+
+
+CUDA_KERNELS = [  # (kernel, dtype, tolerance)
+    ("CUDNN_ATTENTION", torch.bfloat16, 2e-2),
+    ("FLASH_ATTENTION", torch.bfloat16, 2e-2),
+    ("EFFICIENT_ATTENTION", torch.float32, 1e-4),  # fp32 always takes this one
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("documents", [None, "packed"])
+@pytest.mark.parametrize("kernel, dtype, tolerance", CUDA_KERNELS)
+def test_chunked_attention_with_each_cuda_kernel(kernel, dtype, tolerance, documents):
+    """The blocks run the kernel SDPA would pick; force each in turn (GQA, 8 on 2 heads)."""
+    backend = getattr(SDPBackend, kernel)
+    q, k, v, dout = (x.cuda() for x in random_qkv(1, 1000, 1000, 8, 2, head_dim=64))
+    doc_ids = None if documents is None else document_ids(1, 1000).cuda()
+    low = [x.to(dtype) for x in (q, k, v, dout)]
+    with sdpa_kernel(backend):
+        if attention._cuda_kernel(*(x.transpose(1, 2) for x in low[:3]), 0.125, True) != backend:
+            pytest.skip(f"{kernel} is not available here")
+        actual = output_and_grads(
+            lambda q, k, v: chunked_attention(q, k, v, True, doc_ids, block_size=256), *low)
+    expected = reference_output_and_grads(q, k, v, dout, True, doc_ids)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        error = relative_error(a, e)
+        assert error <= tolerance, f"{name}: relative error {error:.2e} ({dtype})"
 
 
 # --- bad input: one sentence each -------------------------------------------------------------
