@@ -1178,15 +1178,30 @@ def synthetic_chat(n, seed=0, split="train"):
     return out
 
 
+def _completion_pieces(tok, record):
+    """A plain {"prompt", "completion"} record, no chat template: <|begin_of_text|> prompt
+    completion <|end_of_text|>, trained on the completion and the end token. Prompt and completion
+    are encoded separately, as generation sees them (the prompt's tokens, then new ones)."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+        raise DataError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
+    if tok.bos_id is None or tok.eos_id is None:
+        raise DataError("prompt/completion records need a tokenizer with <|begin_of_text|> and <|end_of_text|>")
+    return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, True)]
+
+
 def _read_chat_source(source, bad):
-    """Yields (where, messages) from a JSONL path/glob or an in-memory list of conversations."""
+    """Yields (where, messages) from a JSONL path/glob or an in-memory list of conversations;
+    a {"prompt", "completion"} record is yielded as that dict."""
     if isinstance(source, str):
         for path in _expand_inputs([source]):
             for line_number, record in _read_jsonl_records(path, bad):
-                if "messages" not in record:
-                    bad(f"{path} line {line_number}: the record has no 'messages' field")
-                    continue
-                yield f"{path} line {line_number}", record["messages"]
+                if "messages" in record:
+                    yield f"{path} line {line_number}", record["messages"]
+                elif "prompt" in record or "completion" in record:
+                    yield f"{path} line {line_number}", record
+                else:
+                    bad(f"{path} line {line_number}: the record has neither 'messages' nor 'prompt' and 'completion'")
     else:
         for k, messages in enumerate(source):
             yield f"conversation {k} of an in-memory source", messages
@@ -1196,7 +1211,8 @@ class ChatDataset:
     """Chat conversations, blended by weight, formatted with Llama 3.1's template and packed.
 
     sources: [(source, weight), ...]; a source is a JSONL path or glob (one {"messages": [{"role",
-    "content"}, ...]} per line) or an in-memory list of conversations (e.g. synthetic_chat()).
+    "content"}, ...]} per line, or one plain {"prompt", "completion"} per line: no template, trained
+    on the completion) or an in-memory list of conversations (e.g. synthetic_chat()).
     A weight is a multiplier: 2 repeats every conversation twice, 0.5 keeps a seeded half.
     Conversations are shuffled (seeded) and packed in order into rows of at most max_len tokens
     (a conversation that does not fit starts the next row; rows are padded). Labels are -100
@@ -1217,9 +1233,12 @@ class ChatDataset:
                 raise DataError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
             for where, messages in _read_chat_source(source, bad):
                 try:
-                    conversation = _chat_pieces(tok, messages, add_generation_prompt=False)
-                    if not any(m["role"] == "assistant" for m in messages):
-                        raise DataError("the conversation has no assistant turn, so it has nothing to learn from")
+                    if isinstance(messages, dict):  # a plain prompt/completion record
+                        conversation = _completion_pieces(tok, messages)
+                    else:
+                        conversation = _chat_pieces(tok, messages, add_generation_prompt=False)
+                        if not any(m["role"] == "assistant" for m in messages):
+                            raise DataError("the conversation has no assistant turn, so it has nothing to learn from")
                 except DataError as e:
                     bad(f"{where}: {e}")
                     continue

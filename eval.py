@@ -518,7 +518,9 @@ RULER_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multique
 
 def load_jsonl_records(path: str) -> list[dict]:
     """Records with a 'context' string, an 'input' string (may be empty) and 'answers' (or
-    InfiniteBench's 'answer'): a string or a non-empty list of strings. A bad line stops the run."""
+    InfiniteBench's 'answer'): a string or a non-empty list of strings. Or, instead of context and
+    input, a raw 'prompt' string, sent as it is (sft.py's prompt/completion records take the same
+    prompts). A bad line stops the run."""
     if not os.path.isfile(path):
         raise EvalError(f"the file {path} does not exist")
     records = []
@@ -533,8 +535,11 @@ def load_jsonl_records(path: str) -> list[dict]:
                 raise EvalError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise EvalError(f"{where} is not a JSON object")
-            if not isinstance(record.get("context"), str):
-                raise EvalError(f"{where} has no 'context' string")
+            raw = "prompt" in record
+            if raw and not isinstance(record["prompt"], str):
+                raise EvalError(f"{where} has a 'prompt' that is not a string")
+            if not raw and not isinstance(record.get("context"), str):
+                raise EvalError(f"{where} has no 'context' string (nor a raw 'prompt')")
             if not isinstance(record.get("input", ""), str):
                 raise EvalError(f"{where} has an 'input' that is not a string")
             answers = record.get("answers", record.get("answer"))
@@ -542,8 +547,9 @@ def load_jsonl_records(path: str) -> list[dict]:
                 answers = [answers]
             if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
                 raise EvalError(f"{where} has no 'answers' (a string or a non-empty list of strings)")
-            records.append({"id": record.get("id", line_number), "context": record["context"],
-                            "input": record.get("input", ""), "answers": answers})
+            records.append({"id": record.get("id", line_number), "answers": answers,
+                            **({"prompt": record["prompt"]} if raw else
+                               {"context": record["context"], "input": record.get("input", "")})})
     if not records:
         raise EvalError(f"{path} holds no records")
     return records
@@ -552,13 +558,18 @@ def load_jsonl_records(path: str) -> list[dict]:
 def make_jsonl_sample(tok, record: dict, max_length: int, *, chat: bool = True,
                       max_new_tokens: int | None = None) -> dict:
     """A record's prompt, its context cut in the middle (first and last halves kept, as
-    InfiniteBench and LV-Eval do) when prompt + answer would exceed max_length."""
+    InfiniteBench and LV-Eval do) when prompt + answer would exceed max_length. A raw 'prompt' is
+    used as it is: after <|begin_of_text|> alone (no template) or as the user's whole message."""
     prefix, suffix = prompt_frame(tok, chat)
-    head = tok.encode("Read the following text and answer the question. Be very concise in your answer.\n\n")
-    tail = tok.encode(f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n")
-    answer_ids = tok.encode("Answer:")
+    if "prompt" in record:
+        head, tail, answer_ids = [], [], []
+        suffix = suffix if chat else []
+    else:
+        head = tok.encode("Read the following text and answer the question. Be very concise in your answer.\n\n")
+        tail = tok.encode(f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n")
+        answer_ids = tok.encode("Answer:")
     budget = max_new_tokens or generation_budget(tok, record["answers"])
-    context = tok.encode(record["context"])
+    context = tok.encode(record["prompt"] if "prompt" in record else record["context"])
     room = max_length - (len(prefix) + len(head) + len(tail) + len(suffix) + len(answer_ids) + budget)
     if room < 2:
         raise EvalError(f"record {record['id']}: its question and answer alone exceed --max-length {max_length}")

@@ -6,7 +6,9 @@
 
 This is train.py's loop, distributed setup, checkpoints, metrics and export; only two things
 differ. The data: chat JSONL (`{"messages": [{"role", "content"}, ...]}` per line), several files
-blended by weight (`path:weight`), formatted with the Llama 3.1 template and packed to --max-len.
+blended by weight (`path:weight`), formatted with the Llama 3.1 template and packed to --max-len;
+or plain `{"prompt", "completion"}` records (no template: <|begin_of_text|> prompt completion
+<|end_of_text|>), which may share a blend with chat files.
 The loss: labels are -100 except on the assistant's tokens, and the loop already divides the sum
 of token losses by the number of trained tokens of the whole global batch (all ranks, all
 micro-batches), so a short answer weighs as much as a token of a long one.
@@ -30,7 +32,7 @@ from train import print0
 
 def build_parser():
     p = train.common_parser("Stage 2: instruction tuning on chat data (see README)")
-    p.add_argument("--data", nargs="*", help="chat JSONL files or globs, each optionally path:weight "
+    p.add_argument("--data", nargs="*", help="chat (or prompt/completion) JSONL files or globs, each optionally path:weight "
                                              "(absent: the built-in SYNTHETIC chat set)")
     p.add_argument("--max-len", default=None, help="conversations are packed into rows of this many tokens "
                                                    "(default: 8K as the paper; tiny: 1K)")

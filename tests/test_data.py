@@ -635,7 +635,8 @@ def test_chat_bad_input(tok, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     cases = [
         ('{"messages": [', r"chat\.jsonl line 2: malformed JSON"),
-        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record has no 'messages' field"),
+        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record has neither 'messages' nor 'prompt'"),
+        (json.dumps({"prompt": "x"}), r"chat\.jsonl line 2: a prompt/completion record needs .* 'completion'"),
         (json.dumps({"messages": [{"role": "user", "content": "q"}]}), r"chat\.jsonl line 2: .*no assistant turn"),
         (json.dumps({"messages": [{"role": "bot", "content": "q"}]}), r"chat\.jsonl line 2: .*unknown role 'bot'"),
         (json.dumps({"messages": "hi"}), r"chat\.jsonl line 2: 'messages' is not a non-empty list"),
@@ -648,7 +649,32 @@ def test_chat_bad_input(tok, tmp_path):
     logs = []
     ds = data.ChatDataset([(str(path), 1.0)], tok, max_len=256, skip_bad=True, log=logs.append)
     assert ds.stats["bad_skipped"] == len(cases) and ds.stats["conversations"] == 1
-    assert "5 bad skipped" in logs[0]
+    assert "6 bad skipped" in logs[0]
+
+
+def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
+    """Plain {"prompt", "completion"} records (no template) blend with chat records: bos + prompt +
+    completion + eos, labels on the completion and the end token, exactly."""
+    path = tmp_path / "plain.jsonl"
+    records = [{"prompt": f"Q{i}: what is {i} + {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    chats = data.synthetic_chat(10, seed=4)
+    ds = data.ChatDataset([(str(path), 1.0), (chats, 1.0)], tok, max_len=256, seed=0, log=None)
+    assert ds.stats["conversations"] == 40
+    plain = 0
+    for i in range(len(ds)):
+        row = ds[i]
+        for occurrence in set(row["doc_ids"].tolist()) - {-1}:
+            k = int(ds.blend[occurrence])
+            if k >= len(records):
+                continue
+            where = row["doc_ids"] == occurrence
+            prompt = [tok.bos_id] + tok.encode(records[k]["prompt"])
+            completion = tok.encode(records[k]["completion"]) + [tok.eos_id]
+            assert row["tokens"][where].tolist() == prompt + completion
+            assert row["labels"][where].tolist() == [-100] * (len(prompt) - 1) + completion + [-100]
+            plain += 1
+    assert plain == len(records)
 
 
 def test_chat_dataset_in_loader(tok):

@@ -239,6 +239,7 @@ def test_malformed_jsonl_is_named(tmp_path):
     cases = {
         '{"context": "c", "input": "q", "answers": ["a"]}\n{"context": "c"\n': "line 2 is not valid JSON",
         '{"input": "q", "answers": ["a"]}\n': "line 1 has no 'context' string",
+        '{"prompt": 3, "answers": ["a"]}\n': "line 1 has a 'prompt' that is not a string",
         '\n{"context": "c", "answers": []}\n': "line 2 has no 'answers'",
         '[1, 2]\n': "line 1 is not a JSON object",
     }
@@ -258,6 +259,25 @@ def test_jsonl_accepts_infinitebench_answer_and_cuts_in_the_middle(tok, tmp_path
     assert s["truncated"] and total_length(s) == 1024
     text = tok.decode(s["tokens"])
     assert "head " in text and " tail" in text
+
+
+def test_jsonl_raw_prompt_is_sent_as_sft_trains_it(tok, tmp_path):
+    """A raw 'prompt' record gives exactly the tokens sft.py's prompt/completion record puts before
+    its completion: <|begin_of_text|> + the prompt, no template; cut in the middle when too long."""
+    path = tmp_path / "raw.jsonl"
+    path.write_text(json.dumps({"prompt": "abc The letter is", "answers": ["Z"]}) + "\n"
+                    + json.dumps({"prompt": "head " + "x" * 3000 + " tail", "answers": "Z"}) + "\n")
+    short, long = E.load_jsonl_records(str(path))
+    s = E.make_jsonl_sample(tok, short, 1024, chat=False, max_new_tokens=4)
+    plain = data.ChatDataset([([{"prompt": "abc The letter is", "completion": " Z"}], 1.0)], tok, 64, log=None)
+    row = plain[0]
+    assert s["tokens"] == row["tokens"][:len(s["tokens"])].tolist() == [tok.bos_id] + tok.encode("abc The letter is")
+    assert not s["truncated"] and s["length"] == len(s["tokens"]) + 4
+    cut = E.make_jsonl_sample(tok, long, 1024, chat=False, max_new_tokens=4)
+    assert cut["truncated"] and cut["length"] == 1024 and tok.decode(cut["tokens"][1:6]) == "head "
+    framed = E.make_jsonl_sample(tok, short, 1024, chat=True, max_new_tokens=4)
+    prefix, suffix = E.prompt_frame(tok, True)
+    assert framed["tokens"] == prefix + tok.encode("abc The letter is") + suffix
 
 
 def test_lengths_beyond_the_window(capsys):
