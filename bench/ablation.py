@@ -1,23 +1,26 @@
 """The paper's evidence in miniature: a tiny model breaks past its training window, the recipe
 extends that window 16x, and the paper's ablations are measured side by side, on a laptop CPU.
 
-    python bench/ablation.py                      # full: ~30 minutes on 2 CPU cores
+    python bench/ablation.py                      # full: within 30 minutes on 2 CPU cores
     python bench/ablation.py --quick              # smoke test: every stage, tiny budgets, minutes
 
-What it runs, only through the public CLIs (train.py, eval.py) and functions (data, eval, train):
-  1. data: the training corpus is the top-level modules of the Python standard library (a subset
-     of data.builtin_corpus_files()) plus a generated JSONL of needle-in-a-haystack documents,
-     each an eval.py `niah` prompt (built by eval.make_niah_sample, without the chat frame) followed
-     by its answer, so that the base learns to retrieve within its own window;
-  2. base: the tiny preset trained from scratch at a short window W (256 tokens), plain RoPE;
-  3. stage 1 at 16 W (4K), equal token budgets: YaRN as the paper (alpha 1, beta 4, the `<s>`
-     separator, no cross-document mask), NTK-aware theta scaling, no scaling, YaRN with the BOS
-     token as separator, YaRN with the cross-document mask, and YaRN in two steps (4 W, then 16 W,
-     half the tokens each);
+What it runs, only through the public CLIs (train.py, sft.py, eval.py) and functions (data, eval, train):
+  1. data: the training code is the top-level modules of the Python standard library (a subset of
+     data.builtin_corpus_files()); the retrieval task is generated: prompt/completion records in
+     which a secret letter sits at a random depth of random characters and is asked for at the end
+     (letter_sample), and evaluation records of the same kind that training never saw;
+  2. base: the tiny preset from scratch at a short window W (256 tokens), plain RoPE: train.py on
+     the code, then sft.py on the retrieval records, trained on the answer only (the paper starts
+     from an instruct model: one that does the task within its window);
+  3. stage 1 at 16 W (4K) on the code, equal token budgets: YaRN as the paper (alpha 1, beta 4, the
+     `<s>` separator, no cross-document mask), NTK-aware theta scaling, no scaling, YaRN with the
+     BOS token as separator, YaRN with the cross-document mask, and YaRN in two steps (4 W, then
+     16 W, half the tokens each); then stage 2: a short sft.py on the same retrieval records, rows
+     of W tokens (the paper's short instruction tuning, the same for every variant);
   4. evaluation of the base (zero-shot: as it is, and with YaRN or NTK applied but untrained) and
-     of every variant: loss by position up to 16 W (`eval.py ppl`) and needle retrieval at W, 4 W
-     and 16 W (`eval.py niah`), on held-out sources (the asyncio, email and multiprocessing
-     packages, which the training corpus does not contain);
+     of every variant: loss by position up to 16 W (`eval.py ppl`) on held-out sources (the
+     asyncio, email and multiprocessing packages, which the training corpus does not contain), and
+     retrieval accuracy at W, 4 W and 16 W (`eval.py jsonl`, exact match of the letter);
   5. a report in --out: report.md (the ablation table, findings, seeds, budgets, wall times, the
      machine), results.json (every number), loss_by_position.png, niah_by_length.png, and every
      command run (commands.sh) with its log (logs/).
@@ -53,7 +56,7 @@ import train  # noqa: E402
 STDLIB = sysconfig.get_paths()["stdlib"]
 TRAIN_CORPUS = [os.path.join(STDLIB, "*.py")]  # the standard library's top-level modules
 HELD_OUT = [os.path.join(STDLIB, p, "*.py") for p in ("asyncio", "email", "multiprocessing")]
-NEEDLE_MIN_LENGTH = 140  # the shortest `eval.py niah --no-chat` prompt with room for a haystack
+MIN_RETRIEVAL_LENGTH = 150  # the shortest retrieval prompt trained on (tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,15 +67,19 @@ class Scale:
     window: int  # the base's training window W
     factor: int  # stage 1 trains at factor x W
     two_step_first: int  # the two-step variant's first window, in multiples of W
-    base_steps: int
-    base_batch: int
-    base_lr: float
+    base_lm_steps: int  # the base's language modelling on code: train.py from random weights
+    base_lm_batch: int
+    base_lm_lr: float
+    base_steps: int  # then sft.py on the retrieval records (the base's "instruction tuning")
+    sft_batch: int  # rows of W tokens per step, base and stage 2
+    sft_lr: float
     stage1_steps: int  # per variant; even, so the two-step variant splits it in halves
     stage1_batch: int  # sequences of factor x W tokens
     stage1_lr: float
-    retrieval_docs: int  # needle documents generated for the training corpus
+    stage2_steps: int  # sft.py steps after stage 1, at W
+    retrieval_records: int  # generated retrieval prompt/completion records
     niah_depths: str
-    niah_samples: int  # per length x depth, per seed
+    niah_samples: int  # retrieval records per length x depth, per seed
     ppl_docs: int
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     base_seed: int = 0
@@ -82,8 +89,8 @@ class Scale:
         return self.window * self.factor
 
     @property
-    def base_tokens(self) -> int:
-        return self.base_steps * self.base_batch * self.window
+    def base_lm_tokens(self) -> int:
+        return self.base_lm_steps * self.base_lm_batch * self.window
 
     @property
     def stage1_tokens(self) -> int:
@@ -93,14 +100,16 @@ class Scale:
     def niah_lengths(self) -> list[int]:
         """W, 4 W and 16 W (as far as stage 1 reaches), leaving out lengths too short for the needle."""
         lengths = [self.window * k for k in (1, 4, 16) if k <= self.factor]
-        return [n for n in lengths if n >= NEEDLE_MIN_LENGTH] or [self.ctx]
+        return [n for n in lengths if n >= MIN_RETRIEVAL_LENGTH] or [self.ctx]
 
 
-FULL = Scale(window=256, factor=16, two_step_first=4, base_steps=500, base_batch=16, base_lr=1e-3,
-             stage1_steps=12, stage1_batch=2, stage1_lr=5e-4, retrieval_docs=10000,
-             niah_depths="0.1,0.3,0.5,0.7,0.9", niah_samples=2, ppl_docs=4)
-QUICK = Scale(window=64, factor=4, two_step_first=2, base_steps=4, base_batch=4, base_lr=1e-3,
-              stage1_steps=2, stage1_batch=1, stage1_lr=5e-4, retrieval_docs=64,
+FULL = Scale(window=256, factor=16, two_step_first=4, base_lm_steps=150, base_lm_batch=16, base_lm_lr=2e-3,
+             base_steps=300, sft_batch=16, sft_lr=2e-3,
+             stage1_steps=12, stage1_batch=2, stage1_lr=5e-4, stage2_steps=50, retrieval_records=8000,
+             niah_depths="0.1,0.3,0.5,0.7,0.9", niah_samples=3, ppl_docs=4)
+QUICK = Scale(window=192, factor=4, two_step_first=2, base_lm_steps=2, base_lm_batch=2, base_lm_lr=1e-3,
+              base_steps=2, sft_batch=2, sft_lr=1e-3,
+              stage1_steps=2, stage1_batch=1, stage1_lr=5e-4, stage2_steps=2, retrieval_records=32,
               niah_depths="0.5", niah_samples=1, ppl_docs=1, seeds=[0])
 
 
@@ -178,31 +187,71 @@ def eval_cmd(*options) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # 1. data
 
-def write_retrieval_corpus(path: str, n_docs: int, window: int, cache: str, seed: int = 0) -> dict:
-    """n_docs needle documents, one JSONL record each: an `eval.py niah --no-chat` prompt of a random
-    length up to the base's window (at least NEEDLE_MIN_LENGTH), the needle at a random depth in
-    training-corpus text, followed by its answer. The samples' seeds are derived from "train", so
-    they never coincide with the evaluation's."""
+# The retrieval task: a secret letter, one character the code never contains (two UTF-8 bytes: the
+# lead byte 0xD0 and one of 32 others), stated once at a random depth of a haystack of random
+# printable characters (noise, as RULER's noise haystacks) and asked for at the end; 1/32 by
+# chance. It is one token to find by its content anywhere in the context, which the tiny model
+# learns within its window in a few hundred steps. Prompts are raw (no template), the same for
+# sft.py (prompt/completion records) and eval.py jsonl ('prompt' records). Two richer tasks showed
+# no trace of retrieval in the same budget here: eval.py niah's 7-digit needles in real text, and
+# this letter inside eval.py jsonl's instruction template (bench/README.md, Ablation).
+LETTERS = [chr(c) for c in range(0x410, 0x430)]  # Cyrillic capitals A..YA
+NEEDLE = " The secret letter is {letter}. "
+QUESTION = "\nWhat is the secret letter? The secret letter is"
+ANSWER_BUDGET = 4  # " X" is 3 byte tokens, then <|end_of_text|>
+
+
+def letter_sample(tok, length: int, depth: float, rng: random.Random) -> tuple[dict, list[int]]:
+    """A raw-prompt record ({"prompt", "answers"}) whose <|begin_of_text|> + prompt + ANSWER_BUDGET
+    is exactly `length` tokens, and that prompt's tokens. The needle goes at `depth` of the noise."""
+    letter = rng.choice(LETTERS)
+    needle, question = tok.encode(NEEDLE.format(letter=letter)), tok.encode(QUESTION)
+    room = length - 1 - len(needle) - len(question) - ANSWER_BUDGET
+    if room < 1:
+        raise SystemExit(f"error: a {length}-token retrieval prompt has no room for a haystack")
+    noise = [rng.randrange(32, 127) for _ in range(room)]  # printable ASCII, one byte token each
+    cut = round(depth * room)
+    tokens = [tok.bos_id] + noise[:cut] + needle + noise[cut:] + question
+    record = {"id": "", "prompt": tok.decode(tokens[1:]), "answers": [letter]}
+    return record, tokens
+
+
+def write_retrieval_records(path: str, n_records: int, window: int, seed: int = 0) -> dict:
+    """n_records prompt/completion records for sft.py (trained on the answer only): a retrieval
+    prompt of a random length that fits the base's window, and its answer. Their seeds never
+    coincide with the evaluation's (write_retrieval_eval)."""
     tok = data.builtin_tokenizer()
-    haystack = evaluation.Haystack(tok, data.build_token_file(TRAIN_CORPUS, tok, cache, log=None))
-    rng = random.Random(seed)
+    rng = random.Random(f"train-{seed}")
     n_tokens = 0
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for i in range(n_docs):
-            length = rng.randint(NEEDLE_MIN_LENGTH, max(NEEDLE_MIN_LENGTH, window))
-            sample = evaluation.make_niah_sample(tok, length, rng.random(), evaluation.derive_seed("train", seed, i),
-                                                 haystack, chat=False, max_new_tokens=10)
-            # the prompt without its leading <|begin_of_text|> (the separator stands between documents)
-            text = tok.decode(sample["tokens"][1:]) + " " + sample["answers"][0] + "."
-            n_tokens += len(sample["tokens"]) + len(sample["answers"][0]) + 1
-            f.write(json.dumps({"text": text, "domain": "needles"}) + "\n")
+        for _ in range(n_records):
+            record, tokens = letter_sample(tok, rng.randint(MIN_RETRIEVAL_LENGTH, window), rng.random(), rng)
+            # sft.py puts <|begin_of_text|> before the prompt and <|end_of_text|> after the answer:
+            # the evaluation's prompt tokens, exactly
+            completion = " " + record["answers"][0]
+            n_tokens += len(tokens) + len(tok.encode(completion)) + 1
+            f.write(json.dumps({"prompt": record["prompt"], "completion": completion}) + "\n")
     os.replace(path + ".tmp", path)
-    return {"documents": n_docs, "tokens": n_tokens}
+    return {"records": n_records, "tokens": n_tokens}
+
+
+def write_retrieval_eval(path: str, scale, seed: int):
+    """The evaluation's records: niah_samples per length x depth, ids "LENGTH-DEPTH-K"."""
+    tok = data.builtin_tokenizer()
+    rng = random.Random(f"eval-{seed}")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for length in scale.niah_lengths:
+            for depth in map(float, scale.niah_depths.split(",")):
+                for k in range(scale.niah_samples):
+                    record, _ = letter_sample(tok, length, depth, rng)
+                    record["id"] = f"{length}-{depth}-{k}"
+                    f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def prepare_data(out: str, scale: Scale) -> dict:
-    """The training corpus files and the held-out evaluation sources, tokenized once up front (the
-    parallel runs then only read the cache)."""
+    """The training corpus files, the retrieval documents and evaluation records, and the held-out
+    code, tokenized once up front (the parallel runs then only read the cache)."""
     import glob
     builtin = set(data.builtin_corpus_files())
     for pattern in TRAIN_CORPUS + HELD_OUT:
@@ -210,15 +259,17 @@ def prepare_data(out: str, scale: Scale) -> dict:
         if not files or not set(files) <= builtin:
             raise SystemExit(f"error: {pattern} should name files of the built-in corpus")
     cache = os.path.join(out, "cache")
-    needles = os.path.join(out, "data", "needles.jsonl")
-    os.makedirs(os.path.dirname(needles), exist_ok=True)
-    stats = write_retrieval_corpus(needles, scale.retrieval_docs, scale.window, cache)
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
     tok = data.builtin_tokenizer()
     corpus = data.build_token_file(TRAIN_CORPUS, tok, cache, log=None)
     held_out = data.build_token_file(HELD_OUT, tok, cache, log=None)
-    return {"train_files": TRAIN_CORPUS + [needles], "corpus_tokens": int(corpus.n_tokens),
-            "needle_documents": stats["documents"], "needle_tokens": stats["tokens"],
-            "held_out_files": HELD_OUT, "held_out_tokens": int(held_out.n_tokens), "cache": cache}
+    retrieval = os.path.join(out, "data", "retrieval.jsonl")
+    stats = write_retrieval_records(retrieval, scale.retrieval_records, scale.window)
+    for seed in scale.seeds:
+        write_retrieval_eval(os.path.join(out, "data", f"retrieval-eval-seed{seed}.jsonl"), scale, seed)
+    return {"sft_files": [retrieval], "corpus_tokens": int(corpus.n_tokens),
+            "retrieval_records": stats["records"], "retrieval_tokens": stats["tokens"], "held_out_files": HELD_OUT,
+            "held_out_tokens": int(held_out.n_tokens), "cache": cache}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,27 +299,42 @@ def model_dirs(out: str, scale: Scale) -> dict[tuple[str, int], str]:
     return dirs
 
 
+def sft_cmd(*options) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "sft.py"), "--no-activation-checkpointing", "--dtype", "fp32",
+            "--no-doc-mask", "--heldout", "0", *map(str, options)]
+
+
 def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, base_threads: int):
+    """The base, then stage 1 and stage 2 of every variant and seed."""
     models = os.path.join(out, "models")
     cache = data_info["cache"]
-    base = os.path.join(models, "base")
-    print(f"base: {scale.base_steps} steps x {scale.base_batch} x {scale.window} tokens, from scratch", flush=True)
-    runner.run("base", train_cmd("--data", *data_info["train_files"], "--cache", cache, "--out", base,
-                                 "--ctx", scale.window, "--rope", "none", "--separator", "bos",
-                                 "--batch", scale.base_batch, "--steps", scale.base_steps, "--lr", scale.base_lr,
-                                 "--seed", scale.base_seed), threads=base_threads)
-    base_hf = os.path.join(base, "hf")
+    sft_data = data_info["sft_files"]
+
+    def sft(name, model, steps, seed, threads=None):
+        return runner.run(name, sft_cmd("--model", model, "--data", *sft_data, "--out", os.path.join(models, name),
+                                        "--max-len", scale.window, "--batch", scale.sft_batch, "--steps", steps,
+                                        "--lr", scale.sft_lr, "--seed", seed), threads=threads)
+
+    print(f"base: train.py from scratch, {scale.base_lm_steps} steps x {scale.base_lm_batch} x {scale.window} "
+          f"tokens of code, then sft.py on the retrieval records, {scale.base_steps} steps x {scale.sft_batch}",
+          flush=True)
+    runner.run("base-lm", train_cmd("--data", *TRAIN_CORPUS, "--cache", cache, "--out", os.path.join(models, "base-lm"),
+                                    "--ctx", scale.window, "--rope", "none", "--separator", "bos",
+                                    "--batch", scale.base_lm_batch, "--steps", scale.base_lm_steps,
+                                    "--lr", scale.base_lm_lr, "--seed", scale.base_seed), threads=base_threads)
+    sft("base", os.path.join(models, "base-lm", "hf"), scale.base_steps, scale.base_seed, threads=base_threads)
+    base_hf = os.path.join(models, "base", "hf")
     for v in VARIANTS:
         if v.zero_shot_rope:
             export_zero_shot(base_hf, os.path.join(models, v.name), v.zero_shot_rope, scale)
 
     def stage1(name, model, ctx, steps, batch, seed, options):
-        return name, train_cmd("--model", model, "--data", *data_info["train_files"], "--cache", cache,
+        return name, train_cmd("--model", model, "--data", *TRAIN_CORPUS, "--cache", cache,
                                "--out", os.path.join(models, name), "--ctx", ctx,
                                "--original-window", scale.window, "--batch", batch, "--steps", steps,
                                "--lr", scale.stage1_lr, "--seed", seed, *options)
 
-    first, second = [], []
+    first, second, stage2 = [], [], []
     for v in VARIANTS:
         for seed in scale.seeds if v.stage1 else []:
             name = f"{v.name}-seed{seed}"
@@ -276,15 +342,21 @@ def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, ba
                 first_ctx = scale.window * scale.two_step_first
                 first.append(stage1(name + "-step1", base_hf, first_ctx, scale.stage1_steps // 2,
                                     scale.stage1_batch * scale.ctx // first_ctx, seed, v.stage1))
-                second.append(stage1(name, os.path.join(models, name + "-step1", "hf"), scale.ctx,
+                second.append(stage1(name + "-stage1", os.path.join(models, name + "-step1", "hf"), scale.ctx,
                                      scale.stage1_steps // 2, scale.stage1_batch, seed, v.stage1))
             else:
-                first.append(stage1(name, base_hf, scale.ctx, scale.stage1_steps, scale.stage1_batch, seed,
-                                    v.stage1))
-    print(f"stage 1: {len(first) + len(second)} runs of {scale.stage1_tokens:,} tokens at {scale.ctx} "
+                first.append(stage1(name + "-stage1", base_hf, scale.ctx, scale.stage1_steps, scale.stage1_batch,
+                                    seed, v.stage1))
+            stage2.append((name, sft_cmd("--model", os.path.join(models, name + "-stage1", "hf"), "--data", *sft_data,
+                                         "--out", os.path.join(models, name), "--max-len", scale.window,
+                                         "--batch", scale.sft_batch, "--steps", scale.stage2_steps,
+                                         "--lr", scale.sft_lr, "--seed", seed)))
+    print(f"stage 1: {len(first) + len(second)} runs of {scale.stage1_tokens:,} tokens at {scale.ctx}, then stage 2: "
+          f"{len(stage2)} runs of {scale.stage2_steps} steps x {scale.sft_batch} x {scale.window} "
           f"({args_jobs(runner)})", flush=True)
     runner.run_all(first)
     runner.run_all(second)
+    runner.run_all(stage2)
     drop_checkpoints(models)
 
 
@@ -307,9 +379,8 @@ def evaluate_everything(runner: Runner, out: str, scale: Scale, data_info: dict)
         where = os.path.join(out, "eval", f"{name}-seed{seed}")
         common = ["--model", model, "--seed", seed, "--cache", data_info["cache"], "--dtype", "fp32"]
         tasks.append((f"niah-{name}-seed{seed}", eval_cmd(
-            "niah", *common, "--out", os.path.join(where, "niah"), "--no-chat", "--max-new-tokens", 10,
-            "--lengths", ",".join(map(str, scale.niah_lengths)), "--depths", scale.niah_depths,
-            "--samples", scale.niah_samples, "--haystack", *HELD_OUT)))
+            "jsonl", *common, "--out", os.path.join(where, "niah"), "--no-chat", "--max-new-tokens", ANSWER_BUDGET,
+            os.path.join(out, "data", f"retrieval-eval-seed{seed}.jsonl"), "--max-length", scale.ctx)))
         tasks.append((f"ppl-{name}-seed{seed}", eval_cmd(
             "ppl", *common, "--out", os.path.join(where, "ppl"), "--lengths", scale.ctx, "--bucket", scale.window,
             "--docs", scale.ppl_docs, "--data", *HELD_OUT)))
@@ -326,12 +397,12 @@ def read_results(out: str, scale: Scale) -> dict:
             niah = json.load(f)
         with open(os.path.join(where, "ppl", "results.json")) as f:
             ppl = json.load(f)
-        # RULER's metric: the needle's value appears in the answer
-        accuracy = {n: evaluation.mean(it["scores"]["string_match"] for it in niah["items"] if it["length"] == n)
-                    for n in scale.niah_lengths}
+        # exact match of the generated letter, by prompt length (the record ids start with it)
+        accuracy = {n: evaluation.mean(it["scores"]["exact_match"] for it in niah["items"]
+                                       if it["id"].startswith(f"{n}-")) for n in scale.niah_lengths}
         buckets = ppl["aggregate"]["buckets"]
         results.setdefault(name, {})[seed] = {
-            "niah": accuracy, "niah_samples": sum(it["length"] == scale.ctx for it in niah["items"]),
+            "niah": accuracy, "niah_samples": sum(it["id"].startswith(f"{scale.ctx}-") for it in niah["items"]),
             "loss": [b["loss"] for b in buckets], "bucket_ends": [b["end"] for b in buckets],
             "mean_loss": ppl["aggregate"]["loss"]}
     return results
@@ -483,7 +554,7 @@ def plot(results: dict, scale: Scale, out: str) -> list[str]:
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("needle accuracy (value in the answer)")
+    axes[0].set_ylabel("retrieval accuracy (exact match)")
     fig.tight_layout()
     paths.append(os.path.join(out, "niah_by_length.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -513,24 +584,31 @@ def write_report(out: str, scale: Scale, results: dict, meta: dict):
         "",
         f"`{meta['command']}`, {meta['date']}, {meta['machine']}; load average {meta['load_before']} before, "
         f"{meta['load_after']} after. Wall time {meta['wall_s'] / 60:.1f} min "
-        f"(data {meta['stage_s']['data']:.0f} s, base {meta['stage_s']['base']:.0f} s, stage 1 "
+        f"(data {meta['stage_s']['data']:.0f} s, base {meta['stage_s']['base']:.0f} s, stages 1 and 2 "
         f"{meta['stage_s']['stage1']:.0f} s, evaluation {meta['stage_s']['eval']:.0f} s); "
         f"{meta['jobs']} runs at a time, {meta['threads']} thread(s) each (base: {meta['base_threads']}).",
         "",
-        f"Base: tiny preset from scratch, window {scale.window}, plain RoPE (theta 10000), BOS between documents, "
-        f"{scale.base_steps} steps x {scale.base_batch} x {scale.window} = {scale.base_tokens:,} tokens, lr "
-        f"{scale.base_lr}, seed {scale.base_seed}. Corpus: the standard library's top-level modules "
-        f"({meta['data']['corpus_tokens']:,} tokens) and {meta['data']['needle_documents']:,} generated needle "
-        f"documents ({meta['data']['needle_tokens']:,} tokens), mixed in proportion to their sizes.",
-        f"Stage 1: {scale.ctx} tokens ({scale.factor}x), {scale.stage1_steps} steps x {scale.stage1_batch} x "
-        f"{scale.ctx} = {scale.stage1_tokens:,} tokens per variant (two-step: half at "
-        f"{scale.window * scale.two_step_first}, half at {scale.ctx}), lr {scale.stage1_lr}, same corpus; seeds "
-        f"{', '.join(map(str, scale.seeds))} (data order and evaluation samples; one base for all).",
+        f"Base: the tiny preset from scratch at a window of {scale.window}, plain RoPE (theta 10000). First "
+        f"`train.py` on code, BOS between documents: {scale.base_lm_steps} steps x {scale.base_lm_batch} x "
+        f"{scale.window} = {scale.base_lm_tokens:,} tokens of the standard library's top-level modules "
+        f"({meta['data']['corpus_tokens']:,} tokens), lr {scale.base_lm_lr}. Then `sft.py` on "
+        f"{meta['data']['retrieval_records']:,} generated retrieval prompt/completion records (a secret letter "
+        f"hidden at a random depth in random printable characters, asked for at the end, "
+        f"{MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, "
+        f"trained on the answer only): {scale.base_steps} steps x {scale.sft_batch}, lr {scale.sft_lr}; seed "
+        f"{scale.base_seed}.",
+        f"Stage 1 (`train.py`, code only): {scale.ctx} tokens ({scale.factor}x), {scale.stage1_steps} steps x "
+        f"{scale.stage1_batch} x {scale.ctx} = {scale.stage1_tokens:,} tokens per variant (two-step: half at "
+        f"{scale.window * scale.two_step_first}, half at {scale.ctx}), lr {scale.stage1_lr}. Stage 2 (`sft.py`, the "
+        f"retrieval records, rows of {scale.window}: short instruction tuning, as the paper's): "
+        f"{scale.stage2_steps} steps x {scale.sft_batch}, lr {scale.sft_lr}. Seeds "
+        f"{', '.join(map(str, scale.seeds))} (data order and evaluation records; one base for all).",
         f"Evaluation on held-out sources ({meta['data']['held_out_tokens']:,} tokens of the asyncio, email and "
         f"multiprocessing packages): `eval.py ppl` over {scale.ppl_docs} x {scale.ctx} tokens in {scale.window}-token "
-        f"buckets; `eval.py niah --no-chat` at {', '.join(map(str, scale.niah_lengths))} tokens, depths "
-        f"{scale.niah_depths}, {scale.niah_samples} sample(s) each, per seed; accuracy = the needle's value appears "
-        f"in the answer.",
+        f"buckets; retrieval: `eval.py jsonl --no-chat` on generated raw-prompt records of "
+        f"{', '.join(map(str, scale.niah_lengths))} "
+        f"tokens, the letter at depths {scale.niah_depths}, {scale.niah_samples} record(s) each, per seed; accuracy = "
+        f"exact match of the generated letter (chance: 1/{len(LETTERS)}).",
         "",
         "Cells: mean over the seeds (min-max). A row differs from the paper's YaRN only when the ranges do not "
         "overlap; otherwise: no difference.",
@@ -585,7 +663,7 @@ def main(argv=None):
     meta["data"] = prepare_data(args.out, scale)
     meta["stage_s"]["data"] = time.perf_counter() - start
     train_everything(runner, args.out, scale, meta["data"], args.base_threads)
-    meta["stage_s"]["base"] = runner.wall["base"]
+    meta["stage_s"]["base"] = runner.wall["base-lm"] + runner.wall["base"]
     meta["stage_s"]["stage1"] = time.perf_counter() - start - meta["stage_s"]["data"] - meta["stage_s"]["base"]
     mark = time.perf_counter()
     evaluate_everything(runner, args.out, scale, meta["data"])
