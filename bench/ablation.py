@@ -547,7 +547,7 @@ def plot(results: dict, scale: Scale, out: str) -> list[str]:
         print("matplotlib is not installed: no PNG drawn (the numbers are in results.json)")
         return []
     groups = [("zero-shot from the base", [v for v in VARIANTS if v.stage1 is None]),
-              ("after stage 1", [v for v in VARIANTS if v.stage1 is not None])]
+              ("after stages 1 and 2", [v for v in VARIANTS if v.stage1 is not None])]
     paths = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
