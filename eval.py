@@ -564,12 +564,13 @@ def make_jsonl_sample(tok, record: dict, max_length: int, *, chat: bool = True,
     if "prompt" in record:
         head, tail, answer_ids = [], [], []
         suffix = suffix if chat else []
+        context = tok.encode(record["prompt"])
     else:
         head = tok.encode("Read the following text and answer the question. Be very concise in your answer.\n\n")
         tail = tok.encode(f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n")
         answer_ids = tok.encode("Answer:")
+        context = tok.encode(record["context"])
     budget = max_new_tokens or generation_budget(tok, record["answers"])
-    context = tok.encode(record["prompt"] if "prompt" in record else record["context"])
     room = max_length - (len(prefix) + len(head) + len(tail) + len(suffix) + len(answer_ids) + budget)
     if room < 2:
         raise EvalError(f"record {record['id']}: its question and answer alone exceed --max-length {max_length}")

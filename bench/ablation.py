@@ -10,12 +10,13 @@ What it runs, only through the public CLIs (train.py, sft.py, eval.py) and funct
      which a secret letter sits at a random depth of random characters and is asked for at the end
      (letter_sample), and evaluation records of the same kind that training never saw;
   2. base: the tiny preset from scratch at a short window W (256 tokens), plain RoPE: train.py on
-     the code, then sft.py on the retrieval records, trained on the answer only (the paper starts
-     from an instruct model: one that does the task within its window);
+     the code, then sft.py on the retrieval records (trained on the answer only) blended with
+     pieces of the code (trained on every token, so that it stays a code model); the paper starts
+     from an instruct model: one that does the task within its window;
   3. stage 1 at 16 W (4K) on the code, equal token budgets: YaRN as the paper (alpha 1, beta 4, the
      `<s>` separator, no cross-document mask), NTK-aware theta scaling, no scaling, YaRN with the
      BOS token as separator, YaRN with the cross-document mask, and YaRN in two steps (4 W, then
-     16 W, half the tokens each); then stage 2: a short sft.py on the same retrieval records, rows
+     16 W, half the tokens each); then stage 2: a short sft.py on the same blend, rows
      of W tokens (the paper's short instruction tuning, the same for every variant);
   4. evaluation of the base (zero-shot: as it is, and with YaRN or NTK applied but untrained) and
      of every variant: loss by position up to 16 W (`eval.py ppl`) on held-out sources (the
@@ -287,7 +288,7 @@ def prepare_data(out: str, scale: Scale) -> dict:
     write_code_records(code, corpus, scale.code_records, scale.window)
     for seed in scale.seeds:
         write_retrieval_eval(os.path.join(out, "data", f"retrieval-eval-seed{seed}.jsonl"), scale, seed)
-    return {"sft_files": [retrieval, code], "code_records": scale.code_records, "corpus_tokens": int(corpus.n_tokens),
+    return {"sft_files": [retrieval, code], "corpus_tokens": int(corpus.n_tokens),
             "retrieval_records": stats["records"], "retrieval_tokens": stats["tokens"], "held_out_files": HELD_OUT,
             "held_out_tokens": int(held_out.n_tokens), "cache": cache}
 
@@ -330,19 +331,21 @@ def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, ba
     cache = data_info["cache"]
     sft_data = data_info["sft_files"]
 
-    def sft(name, model, steps, seed, threads=None):
-        return runner.run(name, sft_cmd("--model", model, "--data", *sft_data, "--out", os.path.join(models, name),
-                                        "--max-len", scale.window, "--batch", scale.sft_batch, "--steps", steps,
-                                        "--lr", scale.sft_lr, "--seed", seed), threads=threads)
+    def sft(name, model, steps, seed):
+        """(name, command) of an sft.py run on the retrieval + code blend, rows of W tokens."""
+        return name, sft_cmd("--model", model, "--data", *sft_data, "--out", os.path.join(models, name),
+                             "--max-len", scale.window, "--batch", scale.sft_batch, "--steps", steps,
+                             "--lr", scale.sft_lr, "--seed", seed)
 
     print(f"base: train.py from scratch, {scale.base_lm_steps} steps x {scale.base_lm_batch} x {scale.window} "
-          f"tokens of code, then sft.py on the retrieval records, {scale.base_steps} steps x {scale.sft_batch}",
-          flush=True)
+          f"tokens of code, then sft.py on the retrieval records and code, {scale.base_steps} steps x "
+          f"{scale.sft_batch}", flush=True)
     runner.run("base-lm", train_cmd("--data", *TRAIN_CORPUS, "--cache", cache, "--out", os.path.join(models, "base-lm"),
                                     "--ctx", scale.window, "--rope", "none", "--separator", "bos",
                                     "--batch", scale.base_lm_batch, "--steps", scale.base_lm_steps,
                                     "--lr", scale.base_lm_lr, "--seed", scale.base_seed), threads=base_threads)
-    sft("base", os.path.join(models, "base-lm", "hf"), scale.base_steps, scale.base_seed, threads=base_threads)
+    runner.run(*sft("base", os.path.join(models, "base-lm", "hf"), scale.base_steps, scale.base_seed),
+               threads=base_threads)
     base_hf = os.path.join(models, "base", "hf")
     for v in VARIANTS:
         if v.zero_shot_rope:
@@ -367,10 +370,7 @@ def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, ba
             else:
                 first.append(stage1(name + "-stage1", base_hf, scale.ctx, scale.stage1_steps, scale.stage1_batch,
                                     seed, v.stage1))
-            stage2.append((name, sft_cmd("--model", os.path.join(models, name + "-stage1", "hf"), "--data", *sft_data,
-                                         "--out", os.path.join(models, name), "--max-len", scale.window,
-                                         "--batch", scale.sft_batch, "--steps", scale.stage2_steps,
-                                         "--lr", scale.sft_lr, "--seed", seed)))
+            stage2.append(sft(name, os.path.join(models, name + "-stage1", "hf"), scale.stage2_steps, seed))
     print(f"stage 1: {len(stage2)} models of {scale.stage1_tokens:,} tokens at {scale.ctx} ({len(first) + len(second)} "
           f"runs: the two-step variant takes two), then stage 2: "
           f"{len(stage2)} runs of {scale.stage2_steps} steps x {scale.sft_batch} x {scale.window} "
@@ -628,7 +628,7 @@ def write_report(out: str, scale: Scale, results: dict, meta: dict):
         f"{meta['data']['retrieval_records']:,} generated retrieval prompt/completion records (a secret letter "
         f"hidden at a random depth in random printable characters, asked for at the end, "
         f"{MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, "
-        f"trained on the answer only) blended with {meta['data']['code_records']:,} pieces of the training code "
+        f"trained on the answer only) blended with {scale.code_records:,} pieces of the training code "
         f"(trained on every token, so that the base stays a code model): {scale.base_steps} steps x "
         f"{scale.sft_batch}, lr {scale.sft_lr}; seed "
         f"{scale.base_seed}.",
