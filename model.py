@@ -164,7 +164,8 @@ class TransformerBlock(nn.Module):
 # the loss, without full-vocabulary logits
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum over labelled tokens of cross_entropy(h @ weight.T, labels), chunk by chunk.
+    """Sum over labelled tokens of cross_entropy(h @ weight.T, labels), chunk by chunk, each token's
+    loss multiplied by token_weights when given (sft.py's per-conversation loss weighting).
 
     Full logits at 128K tokens x 128256 vocab are 62 GiB in fp32. Here one chunk of logits exists
     at a time, and because the gradient of cross-entropy w.r.t. the logits (softmax - onehot) is
@@ -173,8 +174,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_size: int):
-        # h (N, D), weight (V, D), labels (N,) with -100 = ignored
+    def forward(ctx, h, weight, labels, chunk_size: int, token_weights=None):
+        # h (N, D), weight (V, D), labels (N,) with -100 = ignored, token_weights (N,) fp32 or None
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None  # every chunk's rows are written below
@@ -182,6 +183,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             hc, lc = h[start:start + chunk_size], labels[start:start + chunk_size]
             valid = lc != -100  # (c,)
+            scale = valid if token_weights is None else token_weights[start:start + chunk_size] * valid  # (c,)
             if not valid.any():
                 if need_grad:
                     grad_h[start:start + chunk_size] = 0
@@ -190,11 +192,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             logits = (hc @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
-            total += (token_loss * valid).sum()
+            total += (token_loss * scale).sum()
             if need_grad:
                 grad_logits = torch.exp(logits - lse[:, None])  # softmax, reusing the buffer's size
                 grad_logits[torch.arange(len(lc), device=lc.device), target] -= 1.0
-                grad_logits *= valid[:, None]
+                grad_logits *= scale[:, None]
                 grad_logits = grad_logits.to(h.dtype)
                 grad_h[start:start + chunk_size] = grad_logits @ weight
                 grad_w += (grad_logits.T @ hc).float()
@@ -205,7 +207,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
+        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None, None
 
 
 def loss_chunk_size(vocab_size: int) -> int:
@@ -263,20 +265,22 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, doc_ids, caches[i] if caches else None)
         return self.norm(h)
 
-    def forward(self, tokens, labels=None, positions=None, doc_ids=None, reduction="mean"):
+    def forward(self, tokens, labels=None, positions=None, doc_ids=None, reduction="mean", label_weights=None):
         """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss.
 
         labels[b, t] is the token that should follow tokens[b, t] (-100 = not trained on).
         positions (B, T): the true positions of the tokens (a context-parallel shard holds
         non-contiguous ones); default 0..T-1. reduction="sum" returns the summed token loss, for
-        callers that average over tokens of several ranks / micro-batches themselves.
+        callers that average over tokens of several ranks / micro-batches themselves; label_weights
+        (B, T) then multiplies each token's loss (see train.label_weights).
         """
         h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.output(h).float()
         h_flat, labels_flat = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        weights_flat = None if label_weights is None else label_weights.reshape(-1).float()
         total = ChunkedCrossEntropy.apply(h_flat, self.output.weight, labels_flat,
-                                          loss_chunk_size(self.args.vocab_size))
+                                          loss_chunk_size(self.args.vocab_size), weights_flat)
         if reduction == "sum":
             return total
         return total / (labels_flat != -100).sum().clamp(min=1)  # no labelled token: 0, not NaN

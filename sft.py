@@ -41,6 +41,10 @@ def build_parser():
     p.add_argument("--skip-long", action="store_true",
                    help="skip conversations longer than --max-len instead of truncating them (counted either way)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    p.add_argument("--loss-weighting", default="token", choices=["token", "conversation"],
+                   help="the loss is a mean over the batch's answer tokens (token), or over its conversations, "
+                        "each the mean over its own answer tokens (conversation: LongAlign's loss weighting, so "
+                        "that long answers do not drown short ones; needs --cp 1)")
     p.add_argument("--heldout", type=int, default=40,
                    help="held-out SYNTHETIC prompts scored before and after (single process only; 0: skip)")
     p.set_defaults(out="out/sft")
@@ -57,6 +61,9 @@ def fill_defaults(args):
     args.lr = args.lr if args.lr is not None else (5e-4 if tiny else 5e-6)
     args.batch = args.batch or (8 if tiny else 128)
     args.steps = args.steps or (40 if tiny else 150)  # paper: 480 / 140 / 150 for the 1M / 2M / 4M models
+    if args.loss_weighting == "conversation" and args.cp > 1:
+        raise SystemExit("error: --loss-weighting conversation needs whole conversations on each process; "
+                         "use it with --cp 1 (instruction tuning rows of 8K tokens need no context parallelism)")
     return args
 
 

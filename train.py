@@ -66,6 +66,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=None, help="world size for --plan (default: the current one)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: H100/H200 bf16 989; CPU: a matmul measured at start)")
+    p.set_defaults(loss_weighting="token")  # stage 1: a mean over tokens; sft.py has the option
     return p
 
 
@@ -217,6 +218,22 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
             module.set_gradient_divide_factor(1.0)  # the loss is already a global mean (see docstring)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model.to(d.device)
+
+
+def label_weights(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+    """Per-conversation loss weighting (sft.py --loss-weighting conversation; LongAlign's for packed
+    instruction tuning): each labelled token weighs 1 / (the labelled tokens of its conversation in
+    its row), so a one-token answer counts as much as a long one. The weights of a conversation sum
+    to 1, so a step's sum is its number of conversations, which the loss is divided by. (B, T) fp32,
+    0 where labels are -100. It needs whole rows: the counts of a context-parallel shard would miss
+    the other shards' tokens, so sft.py refuses --cp > 1 with it."""
+    trained = labels != -100  # (B, T)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None]  # (B, 1)
+    key = rows * (int(doc_ids.max()) + 2) + doc_ids + 1  # (B, T): one id per (row, conversation)
+    _, inverse, counts = torch.unique(key[trained], return_inverse=True, return_counts=True)
+    weights = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    weights[trained] = 1.0 / counts[inverse].float()
+    return weights
 
 
 def get_lr(step: int, args) -> float:
@@ -420,16 +437,23 @@ def train(args, model, loader, tokenizer, d: Dist):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [{k: v.to(d.device) for k, v in next(batches).items()} for _ in range(accum)]
-        # the step's labelled-token count over every rank and micro-batch, before any forward
-        count = sum((mb["labels"] != -100).sum() for mb in micro_batches).to(torch.float32)
-        count = all_reduce_sum(count, d).clamp(min=1)
+        labelled = all_reduce_sum(sum((mb["labels"] != -100).sum() for mb in micro_batches), d)
+        # the loss is a mean over the step's labelled tokens (every rank and micro-batch), or with
+        # per-conversation weighting over its conversations: the divisor is known before any forward
+        if args.loss_weighting == "conversation":
+            for mb in micro_batches:
+                mb["weights"] = label_weights(mb["labels"], mb["doc_ids"])
+            count = all_reduce_sum(sum(mb["weights"].sum() for mb in micro_batches), d).clamp(min=1)
+        else:
+            count = labelled.to(torch.float32).clamp(min=1)
         loss_sum = torch.zeros((), device=d.device)
         # one process keeps fp32 weights and autocasts; several get bf16 compute from FSDP's policy
         autocast = torch.autocast(d.device.type, dtype=dtype) if d.world == 1 and dtype != torch.float32 else nullcontext()
         for mb in micro_batches:
             with autocast:
                 token_loss_sum = model(mb["tokens"], labels=mb["labels"], positions=mb["positions"],
-                                       doc_ids=mb["doc_ids"] if args.doc_mask else None, reduction="sum")
+                                       doc_ids=mb["doc_ids"] if args.doc_mask else None, reduction="sum",
+                                       label_weights=mb.get("weights"))
             (token_loss_sum / count).backward()
             loss_sum += token_loss_sum.detach()
         loss = (all_reduce_sum(loss_sum, d) / count).item()
@@ -444,7 +468,7 @@ def train(args, model, loader, tokenizer, d: Dist):
 
         dt = time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": int(count.item()), "tokens_per_s": args.batch * args.ctx / dt,
+                  "tokens": int(labelled.item()), "tokens_per_s": args.batch * args.ctx / dt,
                   "mfu": flops_per_step / dt / peak, "peak_mem_gib": peak_memory_gib(d.device),
                   "step_s": dt}
         if d.is_main:

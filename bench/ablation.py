@@ -68,10 +68,8 @@ class Scale:
     window: int  # the base's training window W
     factor: int  # stage 1 trains at factor x W
     two_step_first: int  # the two-step variant's first window, in multiples of W
-    base_lm_steps: int  # the base's language modelling on code: train.py from random weights
-    base_lm_batch: int
-    base_lm_lr: float
-    base_steps: int  # then sft.py on the retrieval records (the base's "instruction tuning")
+    base_retrieval_steps: int  # the base's first sft.py run, from random weights: retrieval records only
+    base_steps: int  # then sft.py on the retrieval records blended with code (language modelling)
     sft_batch: int  # rows of W tokens per step, base and stage 2
     sft_lr: float
     stage1_steps: int  # per variant; even, so the two-step variant splits it in halves
@@ -91,10 +89,6 @@ class Scale:
         return self.window * self.factor
 
     @property
-    def base_lm_tokens(self) -> int:
-        return self.base_lm_steps * self.base_lm_batch * self.window
-
-    @property
     def stage1_tokens(self) -> int:
         return self.stage1_steps * self.stage1_batch * self.ctx
 
@@ -105,13 +99,11 @@ class Scale:
         return [n for n in lengths if n >= MIN_RETRIEVAL_LENGTH] or [self.ctx]
 
 
-FULL = Scale(window=256, factor=16, two_step_first=4, base_lm_steps=150, base_lm_batch=16, base_lm_lr=2e-3,
-             base_steps=200, sft_batch=16, sft_lr=2e-3,
-             stage1_steps=12, stage1_batch=2, stage1_lr=5e-4, stage2_steps=30, retrieval_records=4000,
-             code_records=4000,
+FULL = Scale(window=256, factor=16, two_step_first=4, base_retrieval_steps=300, base_steps=200, sft_batch=16, sft_lr=2e-3,
+             stage1_steps=12, stage1_batch=2, stage1_lr=5e-4, stage2_steps=30, retrieval_records=8000,
+             code_records=8000,
              niah_depths="0.1,0.3,0.5,0.7,0.9", niah_samples=2, ppl_docs=4)
-QUICK = Scale(window=192, factor=4, two_step_first=2, base_lm_steps=2, base_lm_batch=2, base_lm_lr=1e-3,
-              base_steps=2, sft_batch=2, sft_lr=1e-3,
+QUICK = Scale(window=192, factor=4, two_step_first=2, base_retrieval_steps=2, base_steps=2, sft_batch=2, sft_lr=1e-3,
               stage1_steps=2, stage1_batch=1, stage1_lr=5e-4, stage2_steps=2, retrieval_records=32,
               code_records=32,
               niah_depths="0.5", niah_samples=1, ppl_docs=1, seeds=[0])
@@ -191,18 +183,21 @@ def eval_cmd(*options) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # 1. data
 
-# The retrieval task: a secret letter, one character the code never contains (two UTF-8 bytes: the
-# lead byte 0xD0 and one of 32 others), stated once at a random depth of a haystack of random
-# printable characters (noise, as RULER's noise haystacks) and asked for at the end; 1/32 by
-# chance. It is one token to find by its content anywhere in the context, which the tiny model
-# learns within its window in a few hundred steps. Prompts are raw (no template), the same for
-# sft.py (prompt/completion records) and eval.py jsonl ('prompt' records). Two richer tasks showed
-# no trace of retrieval in the same budget here: eval.py niah's 7-digit needles in real text, and
-# this letter inside eval.py jsonl's instruction template (bench/README.md, Ablation).
-LETTERS = [chr(c) for c in range(0x410, 0x430)]  # Cyrillic capitals A..YA
+# The retrieval task: a secret capital letter stated once at a random depth of a haystack of random
+# printable characters that holds no capital letter (noise, as RULER's noise haystacks), and asked
+# for at the end; 1/25 by chance. The prompt ends with "is " so that the completion is the letter
+# alone: one byte token, found by its content anywhere in the context, which the tiny model learns
+# within its window in a few hundred steps when that token (and <|end_of_text|>) is all it is
+# trained on. More trained tokens per record (the space before the letter, a second byte, four
+# letters instead of one) or code rows in the same batches kept it at chance for 200 steps
+# (bench/README.md, Ablation). "A" is left out: the SQuAD normalisation of exact match drops it as an
+# article. Prompts are raw (no template), the same for sft.py (prompt/completion records) and
+# eval.py jsonl ('prompt' records).
+LETTERS = [chr(c) for c in range(ord("B"), ord("Z") + 1)]
+NOISE = [c for c in range(32, 127) if not ord("A") <= c <= ord("Z")]  # printable ASCII, no capitals
 NEEDLE = " The secret letter is {letter}. "
-QUESTION = "\nWhat is the secret letter? The secret letter is"
-ANSWER_BUDGET = 4  # " X" is 3 byte tokens, then <|end_of_text|>
+QUESTION = "\nWhat is the secret letter? The secret letter is "
+ANSWER_BUDGET = 2  # the letter, then <|end_of_text|>
 
 
 def letter_sample(tok, length: int, depth: float, rng: random.Random) -> tuple[dict, list[int]]:
@@ -213,7 +208,7 @@ def letter_sample(tok, length: int, depth: float, rng: random.Random) -> tuple[d
     room = length - 1 - len(needle) - len(question) - ANSWER_BUDGET
     if room < 1:
         raise SystemExit(f"error: a {length}-token retrieval prompt has no room for a haystack")
-    noise = [rng.randrange(32, 127) for _ in range(room)]  # printable ASCII, one byte token each
+    noise = [rng.choice(NOISE) for _ in range(room)]  # one byte token each
     cut = round(depth * room)
     tokens = [tok.bos_id] + noise[:cut] + needle + noise[cut:] + question
     record = {"id": "", "prompt": tok.decode(tokens[1:]), "answers": [letter]}
@@ -232,7 +227,7 @@ def write_retrieval_records(path: str, n_records: int, window: int, seed: int = 
             record, tokens = letter_sample(tok, rng.randint(MIN_RETRIEVAL_LENGTH, window), rng.random(), rng)
             # sft.py puts <|begin_of_text|> before the prompt and <|end_of_text|> after the answer:
             # the evaluation's prompt tokens, exactly
-            completion = " " + record["answers"][0]
+            completion = record["answers"][0]
             n_tokens += len(tokens) + len(tok.encode(completion)) + 1
             f.write(json.dumps({"prompt": record["prompt"], "completion": completion}) + "\n")
     os.replace(path + ".tmp", path)
@@ -296,16 +291,28 @@ def prepare_data(out: str, scale: Scale) -> dict:
 # ----------------------------------------------------------------------------------------------
 # 2-3. models
 
-def export_zero_shot(base_hf: str, out: str, rope_kind: str, scale: Scale):
-    """The base with a scaling applied and no training: train.py's own build_model (the same code
-    that starts stage 1) and export_hf. (`train.py --steps 0` would do this through the CLI, but it
-    asks the sampler for a budget of 0 tokens, which data.sample_by_length refuses.)"""
+def export_model(out: str, options: list[str], model: str | None = None):
+    """A model as train.py would start it, exported without training: train.py's own build_model
+    and export_hf. (`train.py --steps 0` would do this through the CLI, but it asks the sampler for
+    a budget of 0 tokens, which data.sample_by_length refuses.)"""
     args = train.fill_defaults(train.build_parser().parse_args(
-        ["--model", base_hf, "--ctx", str(scale.ctx), "--rope", rope_kind, "--original-window", str(scale.window),
-         "--dtype", "fp32", "--no-activation-checkpointing", "--out", out, "--steps", "1"]))
-    d = train.Dist()
-    model = train.build_model(args, d)
-    train.export_hf(model, out, data.load_tokenizer(base_hf), d)
+        (["--model", model] if model else []) + list(map(str, options))
+        + ["--dtype", "fp32", "--no-activation-checkpointing", "--out", out, "--steps", "1"]))
+    d, tok = train.Dist(), data.load_tokenizer(model)
+    built = train.build_model(args, d)
+    if model is None:  # as train.py main: the built-in tokenizer's ids go into config.json
+        built.args.bos_id, built.args.eos_id = tok.bos_id, list(tok.stop_ids)
+    train.export_hf(built, out, tok, d)
+
+
+def export_random_init(out: str, scale: Scale):
+    """The base's starting point: the tiny preset's random weights, plain RoPE at the window W."""
+    export_model(out, ["--ctx", scale.window, "--rope", "none", "--seed", scale.base_seed])
+
+
+def export_zero_shot(base_hf: str, out: str, rope_kind: str, scale: Scale):
+    """The base with a scaling applied (stretched to factor x W) and no training: what stage 1 starts from."""
+    export_model(out, ["--ctx", scale.ctx, "--rope", rope_kind, "--original-window", scale.window], model=base_hf)
 
 
 def model_dirs(out: str, scale: Scale) -> dict[tuple[str, int], str]:
@@ -321,8 +328,11 @@ def model_dirs(out: str, scale: Scale) -> dict[tuple[str, int], str]:
 
 
 def sft_cmd(*options) -> list[str]:
+    """Every sft.py run weighs each record the same (--loss-weighting conversation): with the mean over
+    tokens, a code record's 255 trained tokens drown a retrieval record's 2, and the blend erased the
+    base's retrieval (57% -> 8% at 256 tokens; bench/README.md, Ablation)."""
     return [sys.executable, os.path.join(ROOT, "sft.py"), "--no-activation-checkpointing", "--dtype", "fp32",
-            "--no-doc-mask", "--heldout", "0", *map(str, options)]
+            "--no-doc-mask", "--heldout", "0", "--loss-weighting", "conversation", *map(str, options)]
 
 
 def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, base_threads: int):
@@ -331,20 +341,19 @@ def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, ba
     cache = data_info["cache"]
     sft_data = data_info["sft_files"]
 
-    def sft(name, model, steps, seed):
-        """(name, command) of an sft.py run on the retrieval + code blend, rows of W tokens."""
-        return name, sft_cmd("--model", model, "--data", *sft_data, "--out", os.path.join(models, name),
+    def sft(name, model, steps, seed, files=sft_data, options=()):
+        """(name, command) of an sft.py run, by default on the retrieval + code blend, rows of W tokens."""
+        return name, sft_cmd("--model", model, "--data", *files, "--out", os.path.join(models, name),
                              "--max-len", scale.window, "--batch", scale.sft_batch, "--steps", steps,
-                             "--lr", scale.sft_lr, "--seed", seed)
+                             "--lr", scale.sft_lr, "--seed", seed, *options)
 
-    print(f"base: train.py from scratch, {scale.base_lm_steps} steps x {scale.base_lm_batch} x {scale.window} "
-          f"tokens of code, then sft.py on the retrieval records and code, {scale.base_steps} steps x "
-          f"{scale.sft_batch}", flush=True)
-    runner.run("base-lm", train_cmd("--data", *TRAIN_CORPUS, "--cache", cache, "--out", os.path.join(models, "base-lm"),
-                                    "--ctx", scale.window, "--rope", "none", "--separator", "bos",
-                                    "--batch", scale.base_lm_batch, "--steps", scale.base_lm_steps,
-                                    "--lr", scale.base_lm_lr, "--seed", scale.base_seed), threads=base_threads)
-    runner.run(*sft("base", os.path.join(models, "base-lm", "hf"), scale.base_steps, scale.base_seed),
+    print(f"base: from random weights, sft.py on the retrieval records alone ({scale.base_retrieval_steps} steps, "
+          f"constant lr), then on the retrieval records and code ({scale.base_steps} steps), {scale.sft_batch} rows "
+          f"of {scale.window} tokens per step", flush=True)
+    export_random_init(os.path.join(models, "base-init"), scale)
+    runner.run(*sft("base-retrieval", os.path.join(models, "base-init", "hf"), scale.base_retrieval_steps, scale.base_seed,
+                    files=sft_data[:1], options=("--min-lr-ratio", 1, "--warmup", 0.02)), threads=base_threads)
+    runner.run(*sft("base", os.path.join(models, "base-retrieval", "hf"), scale.base_steps, scale.base_seed),
                threads=base_threads)
     base_hf = os.path.join(models, "base", "hf")
     for v in VARIANTS:
@@ -621,17 +630,14 @@ def write_report(out: str, scale: Scale, results: dict, meta: dict):
         f"{meta['stage_s']['stage1']:.0f} s, evaluation {meta['stage_s']['eval']:.0f} s); "
         f"{meta['jobs']} runs at a time, {meta['threads']} thread(s) each (base: {meta['base_threads']}).",
         "",
-        f"Base: the tiny preset from scratch at a window of {scale.window}, plain RoPE (theta 10000). First "
-        f"`train.py` on code, BOS between documents: {scale.base_lm_steps} steps x {scale.base_lm_batch} x "
-        f"{scale.window} = {scale.base_lm_tokens:,} tokens of the standard library's top-level modules "
-        f"({meta['data']['corpus_tokens']:,} tokens), lr {scale.base_lm_lr}. Then `sft.py` on "
-        f"{meta['data']['retrieval_records']:,} generated retrieval prompt/completion records (a secret letter "
-        f"hidden at a random depth in random printable characters, asked for at the end, "
-        f"{MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, "
-        f"trained on the answer only) blended with {scale.code_records:,} pieces of the training code "
-        f"(trained on every token, so that the base stays a code model): {scale.base_steps} steps x "
-        f"{scale.sft_batch}, lr {scale.sft_lr}; seed "
-        f"{scale.base_seed}.",
+        f"Base: the tiny preset from random weights at a window of {scale.window}, plain RoPE (theta 10000), "
+        f"`sft.py` in two runs on {meta['data']['retrieval_records']:,} generated retrieval prompt/completion records "
+        f"(a secret capital letter hidden at a random depth in random printable characters, asked for at the end, "
+        f"{MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, trained on the letter and the end token only): first "
+        f"on them alone, {scale.base_retrieval_steps} steps x {scale.sft_batch} at a constant lr {scale.sft_lr}; "
+        f"then blended with {scale.code_records:,} pieces of the standard library's top-level modules "
+        f"({meta['data']['corpus_tokens']:,} tokens; trained on every token: language modelling), "
+        f"{scale.base_steps} steps x {scale.sft_batch}, lr {scale.sft_lr} (cosine); seed {scale.base_seed}.",
         f"Stage 1 (`train.py`, code only): {scale.ctx} tokens ({scale.factor}x), {scale.stage1_steps} steps x "
         f"{scale.stage1_batch} x {scale.ctx} = {scale.stage1_tokens:,} tokens per variant (two-step: half at "
         f"{scale.window * scale.two_step_first}, half at {scale.ctx}), lr {scale.stage1_lr}. Stage 2 (`sft.py`, the "
@@ -704,7 +710,7 @@ def main(argv=None):
     meta["data"] = prepare_data(args.out, scale)
     meta["stage_s"]["data"] = time.perf_counter() - start
     train_everything(runner, args.out, scale, meta["data"], args.base_threads)
-    meta["stage_s"]["base"] = runner.wall["base-lm"] + runner.wall["base"]
+    meta["stage_s"]["base"] = runner.wall["base-retrieval"] + runner.wall["base"]
     meta["stage_s"]["stage1"] = time.perf_counter() - start - meta["stage_s"]["data"] - meta["stage_s"]["base"]
     mark = time.perf_counter()
     evaluate_everything(runner, args.out, scale, meta["data"])

@@ -151,6 +151,23 @@ def test_chunked_loss_equals_full_cross_entropy_with_gradients(monkeypatch):
     assert abs(total.item() - ref.item() * (labels != -100).sum().item()) < 1e-3
 
 
+def test_weighted_chunked_loss_equals_weighted_cross_entropy_with_gradients(monkeypatch):
+    monkeypatch.setattr(M, "loss_chunk_size", lambda vocab: 7)
+    torch.manual_seed(1)
+    tokens, labels = torch.randint(0, 300, (2, 40)), torch.randint(0, 300, (2, 40))
+    labels[0, :13] = -100
+    weights = torch.rand(2, 40)  # weights on unlabelled tokens must not count
+    a, b = tiny_model(), tiny_model()
+    total = a(tokens, labels=labels, reduction="sum", label_weights=weights)
+    per_token = F.cross_entropy(b(tokens).reshape(-1, 300), labels.reshape(-1), ignore_index=-100, reduction="none")
+    ref = (per_token * weights.reshape(-1) * (labels.reshape(-1) != -100)).sum()
+    assert abs(total.item() - ref.item()) < 1e-4
+    total.backward()
+    ref.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):  # a sum, not a mean: gradients ~1
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-5 * pb.grad.abs().max().item(), rtol=1e-4), name
+
+
 def test_loss_with_no_labelled_token_is_zero_not_nan():
     m = tiny_model()
     tokens = torch.randint(0, 300, (1, 16))

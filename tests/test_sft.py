@@ -59,6 +59,35 @@ def test_loss_is_the_mean_over_assistant_tokens_only():
     assert abs(loss.item() - total / count) < 1e-5
 
 
+def test_conversation_weighting_is_the_mean_of_each_conversations_mean():
+    """--loss-weighting conversation: two rows of packed conversations, each conversation's mean
+    answer loss computed alone, then averaged over conversations (LongAlign's loss weighting)."""
+    import train
+    tok = data.load_tokenizer(None)
+    convs = [c["messages"] for c in conversations()[:6]]
+    dataset = data.ChatDataset([(convs, 1.0)], tok, max_len=512, seed=0, doc_mask=True, log=None)
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in data.BATCH_KEYS}
+    assert len(dataset) >= 2
+    m = M.Llama(M.preset("tiny"))
+    m.init_weights(seed=0)
+    weights = train.label_weights(batch["labels"], batch["doc_ids"])
+    total = m(batch["tokens"], labels=batch["labels"], positions=batch["positions"], doc_ids=batch["doc_ids"],
+              reduction="sum", label_weights=weights)
+    means = []
+    for messages in convs:
+        ids, mask = data.format_chat(tok, messages)
+        with torch.no_grad():
+            logits = m(torch.tensor([ids]))[0]
+        losses = [F.cross_entropy(logits[t], torch.tensor(ids[t + 1])).item()
+                  for t in range(len(ids) - 1) if mask[t + 1]]
+        means.append(sum(losses) / len(losses))
+    assert abs(weights.sum().item() - len(convs)) < 1e-4  # the divisor: one per conversation
+    assert abs(total.item() / weights.sum().item() - sum(means) / len(means)) < 1e-5
+    # and it differs from the token mean: the one-word answers weigh as much as the long ones
+    token_mean = m(batch["tokens"], labels=batch["labels"], positions=batch["positions"], doc_ids=batch["doc_ids"])
+    assert abs(token_mean.item() - sum(means) / len(means)) > 1e-3
+
+
 def sft_cmd(chat_file, out, nproc=1, extra=()):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
@@ -93,6 +122,22 @@ def test_data_parallel_gives_the_same_losses_for_uneven_conversations(chat_file,
     for step in expected:
         assert got[step][1] == expected[step][1]
         assert abs(got[step][0] - expected[step][0]) <= 1e-5 * expected[step][0], step
+
+
+def test_conversation_weighting_gives_the_same_losses_with_data_parallel(chat_file):
+    one, two = chat_file.parent / "conv1", chat_file.parent / "conv2"
+    run(sft_cmd(chat_file, one, extra=["--loss-weighting", "conversation"]))
+    run(sft_cmd(chat_file, two, nproc=2, extra=["--loss-weighting", "conversation"]))
+    expected, got = losses(one), losses(two)
+    assert expected != losses(chat_file.parent / "single")  # a different loss from the token mean
+    for step in expected:
+        assert abs(got[step][0] - expected[step][0]) <= 1e-5 * expected[step][0], step
+
+
+def test_conversation_weighting_refuses_context_parallel(chat_file, tmp_path):
+    result = subprocess.run(sft_cmd(chat_file, tmp_path, extra=["--loss-weighting", "conversation", "--cp", "2"]),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "--loss-weighting conversation" in result.stdout + result.stderr
 
 
 def test_resume_equals_uninterrupted(chat_file, single):
