@@ -7,12 +7,13 @@ extends that window 16x, and the paper's ablations are measured side by side, on
 What it runs, only through the public CLIs (train.py, sft.py, eval.py) and functions (data, eval, train):
   1. data: the training code is the top-level modules of the Python standard library (a subset of
      data.builtin_corpus_files()); the retrieval task is generated: prompt/completion records in
-     which a secret letter sits at a random depth of random characters and is asked for at the end
-     (letter_sample), and evaluation records of the same kind that training never saw;
-  2. base: the tiny preset from scratch at a short window W (256 tokens), plain RoPE: train.py on
-     the code, then sft.py on the retrieval records (trained on the answer only) blended with
-     pieces of the code (trained on every token, so that it stays a code model); the paper starts
-     from an instruct model: one that does the task within its window;
+     which a secret capital letter sits at a random depth of random characters and is asked for at
+     the end (letter_sample), and evaluation records of the same kind that training never saw;
+  2. base: the tiny preset from random weights at a short window W (256 tokens), plain RoPE:
+     sft.py on the retrieval records alone (trained on the letter and the end token, constant lr),
+     then sft.py on them blended with pieces of the code (trained on every token, so that it
+     becomes a code model), every record weighing the same (--loss-weighting conversation); the
+     paper starts from an instruct model: one that does the task within its window;
   3. stage 1 at 16 W (4K) on the code, equal token budgets: YaRN as the paper (alpha 1, beta 4, the
      `<s>` separator, no cross-document mask), NTK-aware theta scaling, no scaling, YaRN with the
      BOS token as separator, YaRN with the cross-document mask, and YaRN in two steps (4 W, then
@@ -494,7 +495,7 @@ def verdict(row: dict[str, Spread], reference: dict[str, Spread], key: str, high
     return {1: "better", -1: "worse", 0: "no difference"}[sign * (1 if higher_is_better else -1)]
 
 
-RETRIEVES = 0.5  # accuracy from which a row counts as retrieving (chance is 1/32)
+RETRIEVES = 0.5  # accuracy from which a row counts as retrieving (chance is 1/25)
 
 
 def findings(table: dict, scale: Scale) -> list[str]:

@@ -22,6 +22,25 @@ def test_spread_overlap_is_no_difference():
     assert ablation.verdict(row, reference, "loss", higher_is_better=True) == "worse"
 
 
+def test_retrieval_prompt_holds_the_letter_once_and_is_answered_by_one_token():
+    import random
+    import data
+    import eval as evaluation
+    tok = data.builtin_tokenizer()
+    rng = random.Random(0)
+    for length, depth in [(150, 0.0), (256, 0.5), (1024, 1.0)]:
+        record, tokens = ablation.letter_sample(tok, length, depth, rng)
+        letter, prompt = record["answers"][0], record["prompt"]
+        assert len(tokens) + ablation.ANSWER_BUDGET == length and tokens[1:] == tok.encode(prompt)
+        assert prompt.endswith(" is ") and len(tok.encode(letter)) == 1  # sft.py trains the letter + end
+        noise = prompt.replace(ablation.NEEDLE.format(letter=letter), "", 1).replace(ablation.QUESTION, "")
+        assert not any(c.isupper() for c in noise)  # the needle is the only capital letter to find
+    # exact match (SQuAD normalisation: no articles) tells every letter from an empty or wrong answer
+    for letter in ablation.LETTERS:
+        assert evaluation.exact_match(letter, [letter]) and not evaluation.exact_match("", [letter]), letter
+        assert not evaluation.exact_match("Q" if letter != "Q" else "R", [letter])
+
+
 def test_quick_ablation_runs_every_stage(tmp_path):
     out = tmp_path / "ablation"
     result = subprocess.run([sys.executable, os.path.join("bench", "ablation.py"), "--quick", "--out", str(out)],
