@@ -183,11 +183,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             hc, lc = h[start:start + chunk_size], labels[start:start + chunk_size]
             valid = lc != -100  # (c,)
-            scale = valid if token_weights is None else token_weights[start:start + chunk_size] * valid  # (c,)
             if not valid.any():
                 if need_grad:
                     grad_h[start:start + chunk_size] = 0
                 continue
+            scale = valid if token_weights is None else token_weights[start:start + chunk_size] * valid  # (c,)
             target = lc.clamp(min=0)
             logits = (hc @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
             lse = torch.logsumexp(logits, dim=-1)  # (c,)

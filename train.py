@@ -220,6 +220,15 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
     return model.to(d.device)
 
 
+def model_tokenizer(args, model: M.Llama):
+    """The model's tokenizer; a tiny model from random weights takes the built-in one, whose ids
+    go into its config (config.json's bos/eos for serving tools)."""
+    tokenizer = data.load_tokenizer(args.model)
+    if args.model is None:
+        model.args.bos_id, model.args.eos_id = tokenizer.bos_id, list(tokenizer.stop_ids)
+    return tokenizer
+
+
 def label_weights(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """Per-conversation loss weighting (sft.py --loss-weighting conversation; LongAlign's for packed
     instruction tuning): each labelled token weighs 1 / (the labelled tokens of its conversation in
@@ -530,9 +539,7 @@ def run(args):
         return
     d = prepare(args)
     model = build_model(args, d)
-    tokenizer = data.load_tokenizer(args.model)
-    if args.model is None:  # the built-in tokenizer's ids go into config.json for serving tools
-        model.args.bos_id, model.args.eos_id = tokenizer.bos_id, list(tokenizer.stop_ids)
+    tokenizer = model_tokenizer(args, model)
     print0(d, f"model: {M.count_params(model.args) / 1e6:.1f}M parameters, ctx {args.ctx}, "
               f"rope {model.args.rope}, world {d.world} = dp {d.dp} x cp {d.cp}, {args.steps} steps of "
               f"{args.batch} x {args.ctx} tokens")

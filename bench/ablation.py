@@ -299,11 +299,9 @@ def export_model(out: str, options: list[str], model: str | None = None):
     args = train.fill_defaults(train.build_parser().parse_args(
         (["--model", model] if model else []) + list(map(str, options))
         + ["--dtype", "fp32", "--no-activation-checkpointing", "--out", out, "--steps", "1"]))
-    d, tok = train.Dist(), data.load_tokenizer(model)
+    d = train.Dist()
     built = train.build_model(args, d)
-    if model is None:  # as train.py main: the built-in tokenizer's ids go into config.json
-        built.args.bos_id, built.args.eos_id = tok.bos_id, list(tok.stop_ids)
-    train.export_hf(built, out, tok, d)
+    train.export_hf(built, out, train.model_tokenizer(args, built), d)
 
 
 def export_random_init(out: str, scale: Scale):
