@@ -8,7 +8,8 @@ This is train.py's loop, distributed setup, checkpoints, metrics and export; onl
 differ. The data: chat JSONL (`{"messages": [{"role", "content"}, ...]}` per line), several files
 blended by weight (`path:weight`), formatted with the Llama 3.1 template and packed to --max-len;
 or plain `{"prompt", "completion"}` records (no template: <|begin_of_text|> prompt completion
-<|end_of_text|>), which may share a blend with chat files.
+<|end_of_text|>, the end token trained too unless the record says `"train_eos": false`), which may
+share a blend with chat files.
 The loss: labels are -100 except on the assistant's tokens, and the loop already divides the sum
 of token losses by the number of trained tokens of the whole global batch (all ranks, all
 micro-batches), so a short answer weighs as much as a token of a long one.
@@ -103,7 +104,7 @@ def heldout_scores(model, tok, conversations) -> dict:
 def run(args):
     d = train.prepare(args)
     model = train.build_model(args, d, extend_rope=False)
-    tok = data.load_tokenizer(args.model)
+    tok = train.model_tokenizer(args, model)
     if tok.chat_template is None:  # the export carries the template training used
         tok.chat_template = data.LLAMA31_CHAT_TEMPLATE
     print0(d, f"model: {args.model or 'tiny preset'}, window {model.args.max_seq_len} kept, rope {model.args.rope}; "

@@ -150,10 +150,13 @@ def test_resume_equals_uninterrupted(chat_file, single):
         assert abs(got[step][0] - expected[step][0]) <= 1e-6 * expected[step][0]
 
 
-def test_export_carries_the_chat_template_and_keeps_the_window(chat_file, single):
+def test_export_carries_the_chat_template_the_tokenizer_ids_and_the_window(chat_file, single):
     config = json.loads((single / "hf" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == data.LLAMA31_CHAT_TEMPLATE
-    assert json.loads((single / "hf" / "config.json").read_text())["max_position_embeddings"] == 512
+    model_config = json.loads((single / "hf" / "config.json").read_text())
+    assert model_config["max_position_embeddings"] == 512
+    tok = data.builtin_tokenizer()  # the tiny preset's: its ids go into the config, for serving tools
+    assert model_config["bos_token_id"] == tok.bos_id and model_config["eos_token_id"] == list(tok.stop_ids)
 
 
 def test_bad_records_stop_with_a_sentence_or_are_skipped_and_counted(chat_file, tmp_path):
