@@ -1180,14 +1180,18 @@ def synthetic_chat(n, seed=0, split="train"):
 
 def _completion_pieces(tok, record):
     """A plain {"prompt", "completion"} record, no chat template: <|begin_of_text|> prompt
-    completion <|end_of_text|>, trained on the completion and the end token. Prompt and completion
-    are encoded separately, as generation sees them (the prompt's tokens, then new ones)."""
+    completion <|end_of_text|>, trained on the completion and the end token; with the optional
+    "train_eos": false, on the completion alone (the end token is still there, as context). Prompt
+    and completion are encoded separately, as generation sees them (the prompt's tokens, then new ones)."""
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
         raise DataError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
+    train_eos = record.get("train_eos", True)
+    if not isinstance(train_eos, bool):
+        raise DataError(f"'train_eos' must be true or false, not {train_eos!r}")
     if tok.bos_id is None or tok.eos_id is None:
         raise DataError("prompt/completion records need a tokenizer with <|begin_of_text|> and <|end_of_text|>")
-    return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, True)]
+    return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, train_eos)]
 
 
 def _read_chat_source(source, bad):
@@ -1212,7 +1216,8 @@ class ChatDataset:
 
     sources: [(source, weight), ...]; a source is a JSONL path or glob (one {"messages": [{"role",
     "content"}, ...]} per line, or one plain {"prompt", "completion"} per line: no template, trained
-    on the completion) or an in-memory list of conversations (e.g. synthetic_chat()).
+    on the completion and <|end_of_text|>, or on the completion alone with "train_eos": false) or
+    an in-memory list of conversations (e.g. synthetic_chat()).
     A weight is a multiplier: 2 repeats every conversation twice, 0.5 keeps a seeded half.
     Conversations are shuffled (seeded) and packed in order into rows of at most max_len tokens
     (a conversation that does not fit starts the next row; rows are padded). Labels are -100

@@ -637,6 +637,7 @@ def test_chat_bad_input(tok, tmp_path):
         ('{"messages": [', r"chat\.jsonl line 2: malformed JSON"),
         (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record has neither 'messages' nor 'prompt'"),
         (json.dumps({"prompt": "x"}), r"chat\.jsonl line 2: a prompt/completion record needs .* 'completion'"),
+        (json.dumps({"prompt": "x", "completion": "y", "train_eos": "no"}), r"chat\.jsonl line 2: 'train_eos' must be"),
         (json.dumps({"messages": [{"role": "user", "content": "q"}]}), r"chat\.jsonl line 2: .*no assistant turn"),
         (json.dumps({"messages": [{"role": "bot", "content": "q"}]}), r"chat\.jsonl line 2: .*unknown role 'bot'"),
         (json.dumps({"messages": "hi"}), r"chat\.jsonl line 2: 'messages' is not a non-empty list"),
@@ -649,14 +650,17 @@ def test_chat_bad_input(tok, tmp_path):
     logs = []
     ds = data.ChatDataset([(str(path), 1.0)], tok, max_len=256, skip_bad=True, log=logs.append)
     assert ds.stats["bad_skipped"] == len(cases) and ds.stats["conversations"] == 1
-    assert "6 bad skipped" in logs[0]
+    assert "7 bad skipped" in logs[0]
 
 
 def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
     """Plain {"prompt", "completion"} records (no template) blend with chat records: bos + prompt +
-    completion + eos, labels on the completion and the end token, exactly."""
+    completion + eos, labels on the completion and the end token, exactly; on the completion alone
+    where a record says "train_eos": false."""
     path = tmp_path / "plain.jsonl"
     records = [{"prompt": f"Q{i}: what is {i} + {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
+    for record in records[::3]:
+        record["train_eos"] = False
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     chats = data.synthetic_chat(10, seed=4)
     ds = data.ChatDataset([(str(path), 1.0), (chats, 1.0)], tok, max_len=256, seed=0, log=None)
@@ -672,7 +676,8 @@ def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
             prompt = [tok.bos_id] + tok.encode(records[k]["prompt"])
             completion = tok.encode(records[k]["completion"]) + [tok.eos_id]
             assert row["tokens"][where].tolist() == prompt + completion
-            assert row["labels"][where].tolist() == [-100] * (len(prompt) - 1) + completion + [-100]
+            trained = completion if records[k].get("train_eos", True) else completion[:-1] + [-100]
+            assert row["labels"][where].tolist() == [-100] * (len(prompt) - 1) + trained + [-100]
             plain += 1
     assert plain == len(records)
 
