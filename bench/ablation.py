@@ -10,10 +10,10 @@ What it runs, only through the public CLIs (train.py, sft.py, eval.py) and funct
      which a secret capital letter sits at a random depth of random characters and is asked for at
      the end (letter_sample), and evaluation records of the same kind that training never saw;
   2. base: the tiny preset from random weights at a short window W (256 tokens), plain RoPE:
-     sft.py on the retrieval records alone (trained on the letter and the end token, constant lr),
-     then sft.py on them blended with pieces of the code (trained on every token, so that it
-     becomes a code model), every record weighing the same (--loss-weighting conversation); the
-     paper starts from an instruct model: one that does the task within its window;
+     train.py on the code (a language model first), then sft.py on the retrieval records (trained
+     on the letter only) blended with pieces of the code (trained on every token, so that it stays
+     a code model), every record weighing the same (--loss-weighting conversation); the paper
+     starts from an instruct model: one that does the task within its window;
   3. stage 1 at 16 W (4K) on the code, equal token budgets: YaRN as the paper (alpha 1, beta 4, the
      `<s>` separator, no cross-document mask), NTK-aware theta scaling, no scaling, YaRN with the
      BOS token as separator, YaRN with the cross-document mask, and YaRN in two steps (4 W, then
@@ -69,7 +69,9 @@ class Scale:
     window: int  # the base's training window W
     factor: int  # stage 1 trains at factor x W
     two_step_first: int  # the two-step variant's first window, in multiples of W
-    base_retrieval_steps: int  # the base's first sft.py run, from random weights: retrieval records only
+    base_lm_steps: int  # the base's train.py run on the code, from random weights
+    base_lm_batch: int  # sequences of W tokens
+    base_lm_lr: float
     base_steps: int  # then sft.py on the retrieval records blended with code (language modelling)
     sft_batch: int  # rows of W tokens per step, base and stage 2
     sft_lr: float
@@ -100,11 +102,13 @@ class Scale:
         return [n for n in lengths if n >= MIN_RETRIEVAL_LENGTH] or [self.ctx]
 
 
-FULL = Scale(window=256, factor=16, two_step_first=4, base_retrieval_steps=300, base_steps=200, sft_batch=16, sft_lr=2e-3,
+FULL = Scale(window=256, factor=16, two_step_first=4, base_lm_steps=150, base_lm_batch=16, base_lm_lr=2e-3,
+             base_steps=350, sft_batch=16, sft_lr=2e-3,
              stage1_steps=12, stage1_batch=2, stage1_lr=5e-4, stage2_steps=30, retrieval_records=8000,
              code_records=8000,
-             niah_depths="0.1,0.3,0.5,0.7,0.9", niah_samples=2, ppl_docs=4)
-QUICK = Scale(window=192, factor=4, two_step_first=2, base_retrieval_steps=2, base_steps=2, sft_batch=2, sft_lr=1e-3,
+             niah_depths="0.1,0.3,0.5,0.7,0.9", niah_samples=4, ppl_docs=4)
+QUICK = Scale(window=192, factor=4, two_step_first=2, base_lm_steps=2, base_lm_batch=2, base_lm_lr=1e-3,
+              base_steps=2, sft_batch=2, sft_lr=1e-3,
               stage1_steps=2, stage1_batch=1, stage1_lr=5e-4, stage2_steps=2, retrieval_records=32,
               code_records=32,
               niah_depths="0.5", niah_samples=1, ppl_docs=1, seeds=[0])
@@ -184,21 +188,23 @@ def eval_cmd(*options) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # 1. data
 
-# The retrieval task: a secret capital letter stated once at a random depth of a haystack of random
-# printable characters that holds no capital letter (noise, as RULER's noise haystacks), and asked
-# for at the end; 1/25 by chance. The prompt ends with "is " so that the completion is the letter
-# alone: one byte token, found by its content anywhere in the context, which the tiny model learns
-# within its window in a few hundred steps when that token (and <|end_of_text|>) is all it is
-# trained on. More trained tokens per record (the space before the letter, a second byte, four
-# letters instead of one) or code rows in the same batches kept it at chance for 200 steps
-# (bench/README.md, Ablation). "A" is left out: the SQuAD normalisation of exact match drops it as an
-# article. Prompts are raw (no template), the same for sft.py (prompt/completion records) and
-# eval.py jsonl ('prompt' records).
+# The retrieval task: a secret capital letter stated once, after a "#", at a random depth of a
+# haystack of random printable characters that holds neither capital letters nor "#" (noise, as
+# RULER's noise haystacks), and asked for at the end; 1/25 by chance. The prompt ends with the "#"
+# so that the completion is the letter alone: one byte token that follows the only other "#" in
+# the context. Finding it is the copy a code model's induction heads already do ("after this
+# token, last time, came..."), which is why the tiny code model learns it within its window from
+# a few hundred sft.py steps blended with code; with the needle after "is " (a token the noise and
+# the sentences hold many times) it stayed at chance from a code model. The records say
+# "train_eos": false, so sft.py trains the letter alone; with <|end_of_text|> in the loss as well,
+# the same run reached 8% instead of 32% (bench/README.md, Ablation). "A" is left out: the SQuAD
+# normalisation of exact match drops it as an article. Prompts are raw (no template), the same
+# for sft.py (prompt/completion records) and eval.py jsonl ('prompt' records).
 LETTERS = [chr(c) for c in range(ord("B"), ord("Z") + 1)]
-NOISE = [c for c in range(32, 127) if not ord("A") <= c <= ord("Z")]  # printable ASCII, no capitals
-NEEDLE = " The secret letter is {letter}. "
-QUESTION = "\nWhat is the secret letter? The secret letter is "
-ANSWER_BUDGET = 2  # the letter, then <|end_of_text|>
+NOISE = [c for c in range(32, 127) if not ord("A") <= c <= ord("Z") and c != ord("#")]  # printable ASCII
+NEEDLE = " The secret letter is #{letter}. "
+QUESTION = "\nWhat is the secret letter? The secret letter is #"
+ANSWER_BUDGET = 1  # the letter
 
 
 def letter_sample(tok, length: int, depth: float, rng: random.Random) -> tuple[dict, list[int]]:
@@ -217,7 +223,7 @@ def letter_sample(tok, length: int, depth: float, rng: random.Random) -> tuple[d
 
 
 def write_retrieval_records(path: str, n_records: int, window: int, seed: int = 0) -> dict:
-    """n_records prompt/completion records for sft.py (trained on the answer only): a retrieval
+    """n_records prompt/completion records for sft.py (trained on the letter only): a retrieval
     prompt of a random length that fits the base's window, and its answer. Their seeds never
     coincide with the evaluation's (write_retrieval_eval)."""
     tok = data.builtin_tokenizer()
@@ -226,11 +232,11 @@ def write_retrieval_records(path: str, n_records: int, window: int, seed: int = 
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for _ in range(n_records):
             record, tokens = letter_sample(tok, rng.randint(MIN_RETRIEVAL_LENGTH, window), rng.random(), rng)
-            # sft.py puts <|begin_of_text|> before the prompt and <|end_of_text|> after the answer:
-            # the evaluation's prompt tokens, exactly
+            # sft.py puts <|begin_of_text|> before the prompt and <|end_of_text|> after the answer
+            # (not trained on: "train_eos": false): the evaluation's prompt tokens, exactly
             completion = record["answers"][0]
             n_tokens += len(tokens) + len(tok.encode(completion)) + 1
-            f.write(json.dumps({"prompt": record["prompt"], "completion": completion}) + "\n")
+            f.write(json.dumps({"prompt": record["prompt"], "completion": completion, "train_eos": False}) + "\n")
     os.replace(path + ".tmp", path)
     return {"records": n_records, "tokens": n_tokens}
 
@@ -304,11 +310,6 @@ def export_model(out: str, options: list[str], model: str | None = None):
     train.export_hf(built, out, train.model_tokenizer(args, built), d)
 
 
-def export_random_init(out: str, scale: Scale):
-    """The base's starting point: the tiny preset's random weights, plain RoPE at the window W."""
-    export_model(out, ["--ctx", scale.window, "--rope", "none", "--seed", scale.base_seed])
-
-
 def export_zero_shot(base_hf: str, out: str, rope_kind: str, scale: Scale):
     """The base with a scaling applied (stretched to factor x W) and no training: what stage 1 starts from."""
     export_model(out, ["--ctx", scale.ctx, "--rope", rope_kind, "--original-window", scale.window], model=base_hf)
@@ -340,19 +341,20 @@ def train_everything(runner: Runner, out: str, scale: Scale, data_info: dict, ba
     cache = data_info["cache"]
     sft_data = data_info["sft_files"]
 
-    def sft(name, model, steps, seed, files=sft_data, options=()):
-        """(name, command) of an sft.py run, by default on the retrieval + code blend, rows of W tokens."""
-        return name, sft_cmd("--model", model, "--data", *files, "--out", os.path.join(models, name),
+    def sft(name, model, steps, seed):
+        """(name, command) of an sft.py run on the retrieval + code blend, rows of W tokens."""
+        return name, sft_cmd("--model", model, "--data", *sft_data, "--out", os.path.join(models, name),
                              "--max-len", scale.window, "--batch", scale.sft_batch, "--steps", steps,
-                             "--lr", scale.sft_lr, "--seed", seed, *options)
+                             "--lr", scale.sft_lr, "--seed", seed)
 
-    print(f"base: from random weights, sft.py on the retrieval records alone ({scale.base_retrieval_steps} steps, "
-          f"constant lr), then on the retrieval records and code ({scale.base_steps} steps), {scale.sft_batch} rows "
-          f"of {scale.window} tokens per step", flush=True)
-    export_random_init(os.path.join(models, "base-init"), scale)
-    runner.run(*sft("base-retrieval", os.path.join(models, "base-init", "hf"), scale.base_retrieval_steps, scale.base_seed,
-                    files=sft_data[:1], options=("--min-lr-ratio", 1, "--warmup", 0.02)), threads=base_threads)
-    runner.run(*sft("base", os.path.join(models, "base-retrieval", "hf"), scale.base_steps, scale.base_seed),
+    print(f"base: from random weights, train.py on the code ({scale.base_lm_steps} steps x {scale.base_lm_batch} x "
+          f"{scale.window}), then sft.py on the retrieval records and code ({scale.base_steps} steps x "
+          f"{scale.sft_batch} rows of {scale.window})", flush=True)
+    runner.run("base-lm", train_cmd("--data", *TRAIN_CORPUS, "--cache", cache, "--out", os.path.join(models, "base-lm"),
+                                    "--ctx", scale.window, "--rope", "none", "--separator", "bos",
+                                    "--batch", scale.base_lm_batch, "--steps", scale.base_lm_steps,
+                                    "--lr", scale.base_lm_lr, "--seed", scale.base_seed), threads=base_threads)
+    runner.run(*sft("base", os.path.join(models, "base-lm", "hf"), scale.base_steps, scale.base_seed),
                threads=base_threads)
     base_hf = os.path.join(models, "base", "hf")
     for v in VARIANTS:
@@ -629,14 +631,15 @@ def write_report(out: str, scale: Scale, results: dict, meta: dict):
         f"{meta['stage_s']['stage1']:.0f} s, evaluation {meta['stage_s']['eval']:.0f} s); "
         f"{meta['jobs']} runs at a time, {meta['threads']} thread(s) each (base: {meta['base_threads']}).",
         "",
-        f"Base: the tiny preset from random weights at a window of {scale.window}, plain RoPE (theta 10000), "
-        f"`sft.py` in two runs on {meta['data']['retrieval_records']:,} generated retrieval prompt/completion records "
-        f"(a secret capital letter hidden at a random depth in random printable characters, asked for at the end, "
-        f"{MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, trained on the letter and the end token only): first "
-        f"on them alone, {scale.base_retrieval_steps} steps x {scale.sft_batch} at a constant lr {scale.sft_lr}; "
-        f"then blended with {scale.code_records:,} pieces of the standard library's top-level modules "
-        f"({meta['data']['corpus_tokens']:,} tokens; trained on every token: language modelling), "
-        f"{scale.base_steps} steps x {scale.sft_batch}, lr {scale.sft_lr} (cosine); seed {scale.base_seed}.",
+        f"Base: the tiny preset from random weights at a window of {scale.window}, plain RoPE (theta 10000). "
+        f"First `train.py` on the standard library's top-level modules ({meta['data']['corpus_tokens']:,} tokens), "
+        f"BOS between documents: {scale.base_lm_steps} steps x {scale.base_lm_batch} x {scale.window}, lr "
+        f"{scale.base_lm_lr}. Then `sft.py` on {meta['data']['retrieval_records']:,} generated retrieval "
+        f"prompt/completion records (a secret capital letter after a `#` hidden at a random depth in random printable "
+        f"characters, asked for at the end, {MIN_RETRIEVAL_LENGTH}-{scale.window} tokens each, trained on the letter "
+        f"only) blended with {scale.code_records:,} pieces of the same code (trained on every token: language "
+        f"modelling), {scale.base_steps} steps x {scale.sft_batch}, lr {scale.sft_lr} (cosine), every record "
+        f"weighing the same (`--loss-weighting conversation`); seed {scale.base_seed}.",
         f"Stage 1 (`train.py`, code only): {scale.ctx} tokens ({scale.factor}x), {scale.stage1_steps} steps x "
         f"{scale.stage1_batch} x {scale.ctx} = {scale.stage1_tokens:,} tokens per variant (two-step: half at "
         f"{scale.window * scale.two_step_first}, half at {scale.ctx}), lr {scale.stage1_lr}. Stage 2 (`sft.py`, the "
@@ -709,7 +712,7 @@ def main(argv=None):
     meta["data"] = prepare_data(args.out, scale)
     meta["stage_s"]["data"] = time.perf_counter() - start
     train_everything(runner, args.out, scale, meta["data"], args.base_threads)
-    meta["stage_s"]["base"] = runner.wall["base-retrieval"] + runner.wall["base"]
+    meta["stage_s"]["base"] = runner.wall["base-lm"] + runner.wall["base"]
     meta["stage_s"]["stage1"] = time.perf_counter() - start - meta["stage_s"]["data"] - meta["stage_s"]["base"]
     mark = time.perf_counter()
     evaluate_everything(runner, args.out, scale, meta["data"])

@@ -32,13 +32,26 @@ def test_retrieval_prompt_holds_the_letter_once_and_is_answered_by_one_token():
         record, tokens = ablation.letter_sample(tok, length, depth, rng)
         letter, prompt = record["answers"][0], record["prompt"]
         assert len(tokens) + ablation.ANSWER_BUDGET == length and tokens[1:] == tok.encode(prompt)
-        assert prompt.endswith(" is ") and len(tok.encode(letter)) == 1  # sft.py trains the letter + end
+        assert prompt.endswith("#") and len(tok.encode(letter)) == 1  # one token, read by the evaluation
+        assert prompt.count("#" + letter) == 1 and prompt.count("#") == 2  # the needle's "#", the question's
         noise = prompt.replace(ablation.NEEDLE.format(letter=letter), "", 1).replace(ablation.QUESTION, "")
-        assert not any(c.isupper() for c in noise)  # the needle is the only capital letter to find
+        assert not any(c.isupper() or c == "#" for c in noise)  # the needle is the only capital letter to find
     # exact match (SQuAD normalisation: no articles) tells every letter from an empty or wrong answer
     for letter in ablation.LETTERS:
         assert evaluation.exact_match(letter, [letter]) and not evaluation.exact_match("", [letter]), letter
         assert not evaluation.exact_match("Q" if letter != "Q" else "R", [letter])
+
+
+def test_retrieval_records_train_the_letter_alone(tmp_path):
+    """sft.py's labels on a retrieval record: the letter and nothing else (no end token)."""
+    import data
+    tok = data.builtin_tokenizer()
+    path = str(tmp_path / "retrieval.jsonl")
+    ablation.write_retrieval_records(path, 6, window=256)
+    records = [json.loads(line) for line in open(path)]
+    dataset = data.ChatDataset([(path, 1.0)], tok, 256, log=None)
+    labels = [label for i in range(len(dataset)) for label in dataset[i]["labels"].tolist() if label != -100]
+    assert labels == [tok.encode(records[k]["completion"])[0] for k in dataset.blend.tolist()]
 
 
 def test_quick_ablation_runs_every_stage(tmp_path):
