@@ -38,6 +38,7 @@ seeds and thread counts on the same machine reproduces every number, whatever --
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import platform
 import random
@@ -495,7 +496,12 @@ def verdict(row: dict[str, Spread], reference: dict[str, Spread], key: str, high
     return {1: "better", -1: "worse", 0: "no difference"}[sign * (1 if higher_is_better else -1)]
 
 
-RETRIEVES = 0.5  # accuracy from which a row counts as retrieving (chance is 1/25)
+def chance_tail(correct: int, n: int, chance: float) -> float:
+    """P(at least `correct` of n right by guessing): the one-sided binomial test."""
+    return sum(math.comb(n, k) * chance ** k * (1 - chance) ** (n - k) for k in range(correct, n + 1))
+
+
+RETRIEVES = 1e-3  # a row retrieves when guessing would score as well with less than this probability
 
 
 def findings(table: dict, scale: Scale) -> list[str]:
@@ -503,17 +509,21 @@ def findings(table: dict, scale: Scale) -> list[str]:
     far, near = f"niah@{scale.ctx}", f"niah@{scale.niah_lengths[0]}"
     base, ref = table["base"], table[REFERENCE]
     chance = f"chance {1 / len(LETTERS):.2f}"
+    n = len(scale.niah_depths.split(",")) * scale.niah_samples * len(scale.seeds)  # prompts per length, all seeds
+    tail = chance_tail(round(base[near].mean * n), n, 1 / len(LETTERS))
     rises = base["loss last"].low > base["loss first"].high
     lines = [f"Perplexity: the base's loss in the last {scale.window}-token bucket of {scale.ctx} tokens is "
              f"{base['loss last'].text()} nats/token against {base['loss first'].text()} in the first "
              f"{scale.window}: " + ("it breaks past its window." if rises else "it does NOT break past its window.")]
-    if base[near].mean >= RETRIEVES:
+    if tail < RETRIEVES:
         lines.append(f"Retrieval: the base retrieves within its window ({base[near].text()} at "
-                     f"{scale.niah_lengths[0]} tokens) and {base[far].text()} at {scale.ctx} ({chance}).")
+                     f"{scale.niah_lengths[0]} tokens, {chance}; guessing would do as well with probability "
+                     f"{tail:.0e} over the {n} prompts) and {base[far].text()} at {scale.ctx}.")
     else:
         lines.append(f"Retrieval: NOT testable here: the base does not retrieve within its own window "
-                     f"({base[near].text()} at {scale.niah_lengths[0]} tokens, {chance}), so retrieval past it says "
-                     f"nothing; every retrieval figure below is read as noise around chance.")
+                     f"({base[near].text()} at {scale.niah_lengths[0]} tokens, {chance}: guessing would do as well "
+                     f"with probability {tail:.2f} over the {n} prompts), so retrieval past it says nothing; every "
+                     f"retrieval figure below is read as noise around chance.")
     lines.append(f"The recipe (stage 1 with YaRN, then stage 2): accuracy at {scale.ctx} tokens {ref[far].text()} vs the "
                  f"unextended base's {base[far].text()} ({verdict(ref, base, far, True)}); last-bucket loss "
                  f"{ref['loss last'].text()} vs {base['loss last'].text()} ({verdict(ref, base, 'loss last', False)}).")

@@ -22,6 +22,14 @@ def test_spread_overlap_is_no_difference():
     assert ablation.verdict(row, reference, "loss", higher_is_better=True) == "worse"
 
 
+def test_chance_tail_is_the_binomial_tail():
+    assert abs(ablation.chance_tail(0, 20, 0.04) - 1.0) < 1e-12
+    assert abs(ablation.chance_tail(1, 2, 0.5) - 0.75) < 1e-12
+    assert abs(ablation.chance_tail(3, 3, 0.1) - 1e-3) < 1e-15
+    # 4 of 40 at chance 1/25 is ordinary luck; 16 of 40 is not
+    assert ablation.chance_tail(4, 40, 0.04) > 0.05 and ablation.chance_tail(16, 40, 0.04) < ablation.RETRIEVES
+
+
 def test_retrieval_prompt_holds_the_letter_once_and_is_answered_by_one_token():
     import random
     import data
