@@ -632,16 +632,21 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
 #     tokens, labels, loss_mask = (zigzag_shard(x, 1, cp_group) for x in (tokens, labels, mask))
 #     positions = zigzag_shard(torch.arange(seq_len), 0, cp_group)  # [0,1,6,7] on rank 0 of 2
 
-def zigzag_indices(seq_len, rank, world_size):
-    """The global positions held by `rank`, in order: chunks rank and 2P-1-rank of 2P."""
+def zigzag_ranges(seq_len, rank, world_size):
+    """The two [start, stop) ranges of global positions held by `rank`: chunks rank and 2P-1-rank
+    of 2P. The one definition of the zigzag layout (data.Loader reads these ranges from disk)."""
     n_chunks = 2 * world_size
     if seq_len % n_chunks != 0:
         raise ValueError(f"sequence length {seq_len} must be divisible by 2 x cp = {n_chunks} "
                          f"for zigzag sharding.")
     chunk = seq_len // n_chunks
     first, second = rank * chunk, (n_chunks - 1 - rank) * chunk
-    return torch.cat([torch.arange(first, first + chunk),
-                      torch.arange(second, second + chunk)])
+    return [(first, first + chunk), (second, second + chunk)]
+
+
+def zigzag_indices(seq_len, rank, world_size):
+    """The global positions held by `rank`, in order: chunks rank and 2P-1-rank of 2P."""
+    return torch.cat([torch.arange(start, stop) for start, stop in zigzag_ranges(seq_len, rank, world_size)])
 
 
 def zigzag_shard(x, dim, group):

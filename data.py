@@ -82,8 +82,9 @@ from tqdm import tqdm
 from attention import zigzag_indices  # noqa: F401  (re-exported: one sharding permutation everywhere)
 
 
-class DataError(ValueError):
-    """Bad input data or settings, said in one sentence (naming the file and line when there is one)."""
+from rope import UserError
+
+DataError = UserError  # transition alias: the one error type lives in rope.py
 
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy default)
@@ -621,8 +622,13 @@ def _read_text_file(path, bad):
         return None
 
 
-def _read_jsonl_records(path, bad):
-    """Yields (line_number, record dict) for each JSON object line; bad lines go to `bad`."""
+def read_jsonl(path, bad=None):
+    """Yields (line_number, record dict) for each JSON object line of a .jsonl (or .jsonl.gz) file.
+    The one JSONL reader: a bad line raises DataError naming the file and line, or with a `bad`
+    callable (a _BadRecords) is handed to it and skipped."""
+    if bad is None:
+        def bad(message):
+            raise DataError(message)
     with _open_binary(path) as f:
         for line_number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -652,7 +658,7 @@ def _iter_documents(files, bad, domain_of):
                 yield text, domain_of(path)
             continue
         default_domain = os.path.basename(path).split(".")[0]
-        for line_number, record in _read_jsonl_records(path, bad):
+        for line_number, record in read_jsonl(path, bad):
             text = record.get("text")
             domain = record.get("domain", default_domain)
             if not isinstance(text, str):
@@ -1199,7 +1205,7 @@ def _read_chat_source(source, bad):
     a {"prompt", "completion"} record is yielded as that dict."""
     if isinstance(source, str):
         for path in _expand_inputs([source]):
-            for line_number, record in _read_jsonl_records(path, bad):
+            for line_number, record in read_jsonl(path, bad):
                 if "messages" in record:
                     yield f"{path} line {line_number}", record["messages"]
                 elif "prompt" in record or "completion" in record:

@@ -72,11 +72,11 @@ from tqdm import tqdm
 import attention
 import data
 import model as M
+import rope
 import train
 
 
-class EvalError(ValueError):
-    """Bad input or settings for an evaluation, said in one sentence."""
+EvalError = rope.UserError  # transition alias: the one error type lives in rope.py
 
 
 # ----------------------------------------------------------------------------------------------

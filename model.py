@@ -274,6 +274,8 @@ class Llama(nn.Module):
         callers that average over tokens of several ranks / micro-batches themselves; label_weights
         (B, T) then multiplies each token's loss (see train.label_weights).
         """
+        if reduction == "none":  # per-token losses (B, T), for perplexity by position
+            return self.token_losses(tokens, labels, positions, doc_ids)
         h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.output(h).float()
@@ -488,25 +490,20 @@ def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir:
         size += nbytes
     shards.append(current)
 
-    def atomic_write(filename, write):
-        tmp = os.path.join(path, f".{filename}.tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(path, filename))
-
     stale = [f for f in os.listdir(path) if f.startswith("model") and f.endswith((".safetensors", ".index.json"))]
     for f in stale:  # a previous export with another shard count must not linger
         os.remove(os.path.join(path, f))
     if len(shards) == 1:
-        atomic_write("model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(filename, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            atomic_write(os.path.join(path, filename), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
             weight_map.update({name: filename for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write("model.safetensors.index.json", lambda tmp: _write_json(tmp, index))
+        atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _write_json(tmp, index))
 
     if source_dir is not None and os.path.abspath(source_dir) != os.path.abspath(path):
         for name in TOKENIZER_FILES:
@@ -514,7 +511,19 @@ def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir:
                 shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
     if tokenizer is not None:  # written after the copy: it may carry a chat template the source lacked
         tokenizer.save(path)
-    atomic_write("config.json", lambda tmp: _write_json(tmp, hf_config(args, dtype)))
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_config(args, dtype)))
+
+
+def atomic_write(path: str, write):
+    """The one atomic write: write(tmp) fills a temporary file beside `path`, which is renamed over
+    `path` only when complete, so a reader never sees half a file. A failed write removes it."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _write_json(path: str, obj):

@@ -26,6 +26,12 @@ import torch
 ROPE_KINDS = ("default", "llama3", "yarn", "ntk")
 
 
+class UserError(ValueError):
+    """The one error type for a user's mistake (a flag, a file, a line, a config field). The
+    scripts print it as one sentence, never a traceback. It lives here because rope.py is the
+    file every other one imports."""
+
+
 @dataclass
 class RopeSettings:
     theta: float = 500000.0
@@ -219,7 +225,7 @@ def parse_size(text: str | int) -> int:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
     except ValueError:
-        raise ValueError(f"cannot read size {text!r}; use a number with an optional K, M or G suffix (e.g. 4M)") from None
+        raise UserError(f"cannot read size {text!r}; use a number with an optional K, M or G suffix (e.g. 4M)") from None
 
 
 def extend_settings(base: RopeSettings, ctx: int, kind: str = "yarn", original_max_position: int | None = None,
