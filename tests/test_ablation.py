@@ -80,8 +80,12 @@ def test_quick_ablation_runs_every_stage(tmp_path):
     report = (out / "report.md").read_text()
     for v in ablation.VARIANTS:
         assert f"| {v.label} |" in report
-    for png in ("loss_by_position.png", "niah_by_length.png"):
-        assert (out / png).stat().st_size > 1000
+    try:  # matplotlib is optional (requirements-test.txt installs it); without it no PNG is drawn
+        import matplotlib  # noqa: F401
+        for png in ("loss_by_position.png", "niah_by_length.png"):
+            assert (out / png).stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in result.stdout
 
     # the scalings were applied relative to the base's window, zero-shot and after stage 1
     def config(name):
