@@ -412,9 +412,9 @@ def evaluate_everything(runner: Runner, out: str, scale: Scale, data_info: dict)
         common = ["--model", model, "--seed", seed, "--cache", data_info["cache"], "--dtype", "fp32"]
         tasks.append((f"niah-{name}-seed{seed}", eval_cmd(
             "jsonl", *common, "--out", os.path.join(where, "niah"), "--no-chat", "--max-new-tokens", ANSWER_BUDGET,
-            os.path.join(out, "data", f"retrieval-eval-seed{seed}.jsonl"), "--max-length", scale.ctx)))
+            os.path.join(out, "data", f"retrieval-eval-seed{seed}.jsonl"), "--max-len", scale.ctx)))
         tasks.append((f"ppl-{name}-seed{seed}", eval_cmd(
-            "ppl", *common, "--out", os.path.join(where, "ppl"), "--lengths", scale.ctx, "--bucket", scale.window,
+            "ppl", *common, "--out", os.path.join(where, "ppl"), "--lengths", scale.ctx,
             "--docs", scale.ppl_docs, "--data", *HELD_OUT)))
     print(f"evaluation: {len(tasks)} runs ({args_jobs(runner)})", flush=True)
     runner.run_all(tasks)

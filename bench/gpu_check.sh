@@ -31,4 +31,4 @@ timeout -s INT 300 python3 train.py --model /tmp/m1b --ctx 64K --batch 1 --steps
 tail -c 3000 "$OUT/train.txt"
 cp /tmp/run/metrics.jsonl "$OUT/metrics.jsonl"
 python3 train.py --plan --model /tmp/m1b --ctx 64K --world 1 --cp 1 --batch 1 --dtype bf16 \
-    --gpu-memory 139G --steps 4 2>&1 | tee "$OUT/plan.txt"
+    --steps 4 2>&1 | tee "$OUT/plan.txt"
