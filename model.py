@@ -269,8 +269,8 @@ class Llama(nn.Module):
         out = []
         for _ in range(max_new_tokens):
             out.append(int(self.output(h[:, -1]).argmax(-1)))
-            if out[-1] in stop_ids:
-                break
+            if out[-1] in stop_ids or len(out) == max_new_tokens:
+                break  # (the last token's own forward step is never needed)
             h = self.hidden_states(torch.tensor([out[-1:]], device=w.device), caches=caches)
         return out
 
