@@ -1,19 +1,10 @@
-"""Llama 3.1 (and 3.2), readable top to bottom, with checkpoints in the Hugging Face layout.
-
-    ModelArgs, PRESETS          the sizes: llama3.1-8b/70b, llama3.2-1b/3b, and `tiny` for CPU
-    RMSNorm, Attention, FeedForward, TransformerBlock, Llama
-    Llama.forward               logits, or the mean (or summed) loss without full-vocabulary logits
-    Llama.generate              KV cache sized for the prompt, chunked prefill, greedy / top-p
-    Llama.from_pretrained       config.json + (sharded) safetensors -> model, strict, meta device + assign
-    Llama.save_pretrained       the same layout back, RoPE scaling spelled out in full
-
-The model is pure: no process groups, no FSDP. Context parallelism is applied from outside by
-swapping the attention function (`set_attention`) and passing each rank's true positions.
-"""
-
+"""Llama 3.1 (and 3.2): ModelArgs and named PRESETS (a `tiny` one for CPU), the modules, one chunked
+loss (Llama.forward: mean, sum or per token, never full-vocabulary logits), one greedy decoder, strict
+loading and saving of (sharded) safetensors in the Hugging Face layout. The model is pure, no process
+groups, no FSDP: context parallelism swaps the attention function in from outside (set_attention)."""
 import json
-import math
 import os
+import pathlib
 import shutil
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +14,24 @@ import torch.nn.functional as F
 
 import rope
 from attention import chunked_attention
-from rope import RopeSettings
+from rope import RopeSettings, UserError
+
+PREFILL_CHUNK = 4096  # prompt tokens per prefill step: attention scores are (chunk x prompt), not (prompt x prompt)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# config.json: each ModelArgs field's name there, the defaults where a config may omit one (transformers',
+# Llama 3's ids), and fields that change the math with the one value implemented here (others are refused)
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "vocab_size": "vocab_size", "ffn_dim": "intermediate_size", "n_kv_heads": "num_key_value_heads",
+            "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings",
+            "max_seq_len": "max_position_embeddings", "bos_id": "bos_token_id", "eos_id": "eos_token_id"}
+HF_DEFAULTS = {"num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+               "max_position_embeddings": 2048, "bos_token_id": 128000, "eos_token_id": 128001}
+HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}
+FIXED_FIELDS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "partial_rotary_factor": 1}
 
 
 @dataclass
@@ -43,72 +51,53 @@ class ModelArgs:
     eos_id: int | list[int] = 128001
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
 
-def _llama3_rope(factor: float) -> RopeSettings:
-    return RopeSettings(theta=500000.0, kind="llama3", factor=factor, original_max_position=8192,
-                        low_freq_factor=1.0, high_freq_factor=4.0)
-
-
+LLAMA31_ROPE = RopeSettings(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192)
+LLAMA32_ROPE = replace(LLAMA31_ROPE, factor=32.0)
 PRESETS = {
-    "llama3.1-8b": ModelArgs(rope=_llama3_rope(8.0)),
-    "llama3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, rope=_llama3_rope(8.0)),
-    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, ffn_dim=8192, tie_embeddings=True,
-                             rope=_llama3_rope(32.0)),
-    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, ffn_dim=8192, tie_embeddings=True,
-                             rope=_llama3_rope(32.0)),
-    # A few million parameters: trains in minutes on a laptop CPU. Its "original" window is 512
-    # tokens, so the recipe's 16x-and-more extension is visible at a few thousand tokens.
-    # vocab 512 = the built-in byte-level tokenizer (256 bytes + Llama 3 special tokens).
-    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_dim=704,
-                      max_seq_len=512, rope=RopeSettings(theta=10000.0, original_max_position=512),
-                      bos_id=256, eos_id=257),
+    "llama3.1-8b": ModelArgs(rope=LLAMA31_ROPE),
+    "llama3.1-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, rope=LLAMA31_ROPE),
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, ffn_dim=8192, tie_embeddings=True, rope=LLAMA32_ROPE),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, ffn_dim=8192, tie_embeddings=True, rope=LLAMA32_ROPE),
+    # A few million parameters, trained in minutes on a laptop CPU. Its "original" window is 512 tokens, so
+    # 16x-and-more extension shows at a few thousand; vocab 512 = the byte-level tokenizer's 256 bytes + specials.
+    "tiny": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=512, ffn_dim=704, max_seq_len=512,
+                      rope=RopeSettings(theta=10000.0, original_max_position=512), bos_id=256, eos_id=257),
 }
 
 
 def preset(name: str) -> ModelArgs:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], rope=replace(PRESETS[name].rope))
 
-
-# ----------------------------------------------------------------------------------------------
-# modules
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
-    """Keys and values of one layer for generation, preallocated for prompt + new tokens only
-    (Llama 3.1 8B costs 128 KiB per token in bf16: size it for the request, not the window)."""
-
+    """One layer's keys and values, preallocated for prompt + new tokens only (Llama 3.1 8B costs
+    128 KiB per token in bf16: size it for the request, not the window)."""
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.v, self.length = torch.zeros_like(self.k), 0
 
     def update(self, k, v):
         """Append k, v (B, T, KV, D) and return everything cached so far."""
-        t = k.shape[1]
-        if self.length + t > self.k.shape[1]:
-            raise ValueError(f"KV cache holds {self.k.shape[1]} tokens; cannot add {t} after {self.length}")
-        self.k[:, self.length:self.length + t] = k
-        self.v[:, self.length:self.length + t] = v
-        self.length += t
+        start, self.length = self.length, self.length + k.shape[1]
+        self.k[:, start:self.length], self.v[:, start:self.length] = k, v  # a shape error if it overflows
         return self.k[:, :self.length], self.v[:, :self.length]
 
 
@@ -120,8 +109,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        # (q, k, v, causal, doc_ids) -> out; swapped for ring attention under context parallelism
-        self.attention_fn = chunked_attention
+        self.attention_fn = chunked_attention  # (q, k, v, causal, doc_ids) -> out; ring attention under cp
 
     def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -131,8 +119,7 @@ class Attention(nn.Module):
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, cached + T, KV, D); queries are the last T positions
-        # k/v keep their n_kv_heads: the attention function handles GQA without copying them
-        out = self.attention_fn(q, k, v, causal=True, doc_ids=doc_ids)  # (B, T, H, D)
+        out = self.attention_fn(q, k, v, causal=True, doc_ids=doc_ids)  # (B, T, H, D); GQA: k/v not copied
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -150,64 +137,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.attention_norm, self.attention = RMSNorm(args.dim, args.norm_eps), Attention(args)
+        self.ffn_norm, self.feed_forward = RMSNorm(args.dim, args.norm_eps), FeedForward(args)
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
         return x + self.feed_forward(self.ffn_norm(x))
-
-
-# ----------------------------------------------------------------------------------------------
-# the loss, without full-vocabulary logits
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum over labelled tokens of cross_entropy(h @ weight.T, labels), chunk by chunk, each token's
-    loss multiplied by token_weights when given (sft.py's per-conversation loss weighting).
-
-    Full logits at 128K tokens x 128256 vocab are 62 GiB in fp32. Here one chunk of logits exists
-    at a time, and because the gradient of cross-entropy w.r.t. the logits (softmax - onehot) is
-    known in the forward pass, the gradients w.r.t. h and weight are formed right there and saved
-    (h-sized and weight-sized), so backward costs nothing extra and nothing is recomputed.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk_size: int, token_weights=None):
-        # h (N, D), weight (V, D), labels (N,) with -100 = ignored, token_weights (N,) fp32 or None
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None  # every chunk's rows are written below
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for start in range(0, h.shape[0], chunk_size):
-            hc, lc = h[start:start + chunk_size], labels[start:start + chunk_size]
-            valid = lc != -100  # (c,)
-            if not valid.any():
-                if need_grad:
-                    grad_h[start:start + chunk_size] = 0
-                continue
-            scale = valid if token_weights is None else token_weights[start:start + chunk_size] * valid  # (c,)
-            target = lc.clamp(min=0)
-            logits = (hc @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            token_loss = lse - logits.gather(1, target[:, None]).squeeze(1)
-            total += (token_loss * scale).sum()
-            if need_grad:
-                grad_logits = torch.exp(logits - lse[:, None])  # softmax, reusing the buffer's size
-                grad_logits[torch.arange(len(lc), device=lc.device), target] -= 1.0
-                grad_logits *= scale[:, None]
-                grad_logits = grad_logits.to(h.dtype)
-                grad_h[start:start + chunk_size] = grad_logits @ weight
-                grad_w += (grad_logits.T @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None, None
 
 
 def loss_chunk_size(vocab_size: int) -> int:
@@ -215,8 +150,50 @@ def loss_chunk_size(vocab_size: int) -> int:
     return max(1, (1 << 27) // vocab_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# the model
+@torch.no_grad()
+def chunked_cross_entropy(h, weight, labels, chunk_size: int, token_weights=None, need_grad: bool = False):
+    """Per-token cross_entropy(h @ weight.T, labels) (N,) fp32, 0 where labels are -100, one chunk of
+    logits at a time; with need_grad also the gradients of sum(losses * token_weights) w.r.t. h (N, D)
+    and weight (V, D), formed here from the gradient w.r.t. the logits, softmax - onehot."""
+    losses = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+    grad_h = torch.zeros_like(h) if need_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+    for start in range(0, h.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        valid = labels[rows] != -100  # (c,)
+        if not valid.any():
+            continue
+        target = labels[rows].clamp(min=0)
+        logits = (h[rows] @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
+        lse = torch.logsumexp(logits, dim=-1)  # (c,)
+        losses[rows] = (lse - logits.gather(1, target[:, None]).squeeze(1)) * valid
+        if need_grad:
+            scale = valid if token_weights is None else token_weights[rows] * valid  # (c,)
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own memory
+            grad_logits[torch.arange(len(target), device=h.device), target] -= 1.0
+            grad_logits = (grad_logits * scale[:, None]).to(h.dtype)
+            grad_h[rows] = grad_logits @ weight
+            grad_w += (grad_logits.T @ h[rows]).float()
+    return losses, grad_h, grad_w
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum(losses * token_weights) (sft.py's per-conversation weighting; None = 1). Full logits at 128K
+    tokens x 128256 vocab are 62 GiB in fp32; here one chunk exists at a time, and the gradients are
+    formed in the forward pass and saved (h- and weight-sized): backward recomputes nothing."""
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk_size: int, token_weights=None):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        losses, grad_h, grad_w = chunked_cross_entropy(h, weight, labels, chunk_size, token_weights, need_grad)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() if token_weights is None else (losses * token_weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None, None
+
 
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -243,15 +220,12 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attention.attention_fn = attention_fn
 
+    @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None):
         """Random weights for training from scratch (the tiny preset)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * std)
 
     def hidden_states(self, tokens, positions=None, doc_ids=None, caches=None):
         """Final normalised hidden states (B, T, dim)."""
@@ -266,100 +240,63 @@ class Llama(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens, labels=None, positions=None, doc_ids=None, reduction="mean", label_weights=None):
-        """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss.
-
-        labels[b, t] is the token that should follow tokens[b, t] (-100 = not trained on).
-        positions (B, T): the true positions of the tokens (a context-parallel shard holds
-        non-contiguous ones); default 0..T-1. reduction="sum" returns the summed token loss, for
-        callers that average over tokens of several ranks / micro-batches themselves; label_weights
-        (B, T) then multiplies each token's loss (see train.label_weights).
-        """
-        if reduction == "none":  # per-token losses (B, T), for perplexity by position
-            return self.token_losses(tokens, labels, positions, doc_ids)
-        h = self.hidden_states(tokens, positions, doc_ids)
+        """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss. labels[b, t] is the token
+        that should follow tokens[b, t] (-100 = not trained on); positions (B, T) the tokens' true ones
+        (a context-parallel shard holds non-contiguous ones), default 0..T-1. reduction: "mean" over
+        labelled tokens; "sum" (callers average over several ranks' tokens), each token's loss times
+        label_weights (B, T) if given; "none": per-token losses (B, T) fp32, 0 at -100, no gradients."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and reduction != "none"):
+            h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.output(h).float()
-        h_flat, labels_flat = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        weights_flat = None if label_weights is None else label_weights.reshape(-1).float()
-        total = ChunkedCrossEntropy.apply(h_flat, self.output.weight, labels_flat,
-                                          loss_chunk_size(self.args.vocab_size), weights_flat)
-        if reduction == "sum":
-            return total
-        return total / (labels_flat != -100).sum().clamp(min=1)  # no labelled token: 0, not NaN
+        h, flat, chunk = h.reshape(-1, h.shape[-1]), labels.reshape(-1), loss_chunk_size(self.args.vocab_size)
+        if reduction == "none":
+            return chunked_cross_entropy(h, self.output.weight, flat, chunk)[0].view(labels.shape)
+        weights = None if label_weights is None else label_weights.reshape(-1).float()
+        total = ChunkedCrossEntropy.apply(h, self.output.weight, flat, chunk, weights)
+        return total if reduction == "sum" else total / (flat != -100).sum().clamp(min=1)  # no label: 0, not NaN
 
     @torch.no_grad()
-    def token_losses(self, tokens, labels, positions=None, doc_ids=None):
-        """Per-token cross-entropy (B, T), 0 where labels are -100, for perplexity by position;
-        logits exist one chunk of tokens at a time."""
-        h = self.hidden_states(tokens, positions, doc_ids)
-        losses = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-        chunk = loss_chunk_size(self.args.vocab_size)
-        for start in range(0, h.shape[1], chunk):
-            logits = self.output(h[:, start:start + chunk]).float()  # (B, c, vocab)
-            target = labels[:, start:start + chunk]
-            losses[:, start:start + chunk] = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                             reduction="none")
-        return losses
-
-    # ------------------------------------------------------------------------------------------
-    # generation
-
-    @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids=(), temperature: float = 0.0,
-                 top_p: float = 1.0, prefill_chunk: int = 4096, generator: torch.Generator | None = None):
-        """Continue one prompt; returns the new token ids (the stop token included if hit).
-
-        The prompt is prefilled in chunks of `prefill_chunk` tokens against the KV cache, and
-        logits are computed for the last position only: a 1M-token prompt never materialises
-        (1M, vocab) logits nor (1M, 1M) attention scores.
-        """
-        device = self.output.weight.device
-        dtype = self.output.weight.dtype
-        caches = [KVCache(1, len(prompt) + max_new_tokens, self.args.n_kv_heads, self.args.head_dim, dtype, device)
-                  for _ in self.layers]
-        tokens = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, T)
-        for start in range(0, tokens.shape[1], prefill_chunk):
-            h = self.hidden_states(tokens[:, start:start + prefill_chunk], caches=caches)
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+        """Greedy continuation of one prompt: the new ids, the stop token included if hit. The prompt is
+        prefilled PREFILL_CHUNK tokens at a time into KV caches sized for prompt + new tokens, logits
+        exist for the last position only: no (1M, vocab) logits, no (1M, 1M) scores for a 1M prompt."""
+        a, w, n = self.args, self.output.weight, len(prompt) + max_new_tokens
+        caches = [KVCache(1, n, a.n_kv_heads, a.head_dim, w.dtype, w.device) for _ in self.layers]
+        tokens = torch.tensor(prompt, dtype=torch.long, device=w.device)[None]  # (1, T)
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
+            h = self.hidden_states(tokens[:, start:start + PREFILL_CHUNK], caches=caches)
         out = []
         for _ in range(max_new_tokens):
-            logits = self.output(h[:, -1]).float()  # (1, vocab)
-            next_id = sample_token(logits, temperature, top_p, generator)
-            out.append(next_id)
-            if next_id in stop_ids:
-                break
-            h = self.hidden_states(torch.tensor([[next_id]], device=device), caches=caches)
+            out.append(int(self.output(h[:, -1]).argmax(-1)))
+            if out[-1] in stop_ids or len(out) == max_new_tokens:
+                break  # (the last token's own forward step is never needed)
+            h = self.hidden_states(torch.tensor([out[-1:]], device=w.device), caches=caches)
         return out
-
-    # ------------------------------------------------------------------------------------------
-    # Hugging Face checkpoints
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device="cpu"):
         """Load an HF-layout directory. Built on the meta device and filled with assign=True, so
         the weights exist once in memory; every tensor must be used and every parameter filled."""
-        args = args_from_hf_config(read_hf_config(path))
+        args = args_from_hf_config(read_hf_config(path), os.path.join(path, "config.json"))
         with torch.device("meta"):
             model = cls(args)
         ours_to_hf = hf_key_map(args)
-        hf_to_ours = {v: k for k, v in ours_to_hf.items()}
-        expected = {k: p.shape for k, p in model.state_dict().items()}
+        expected = {hf: tuple(model.get_parameter(ours).shape) for ours, hf in ours_to_hf.items()}
         state = {}
         for key, tensor, filename in read_safetensors(path):
             if key == "lm_head.weight" and args.tie_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            if key not in hf_to_ours:
-                raise ValueError(f"unexpected tensor {key!r} in {filename}: not part of a "
-                                 f"{args.n_layers}-layer Llama")
-            ours = hf_to_ours[key]
-            if tuple(tensor.shape) != tuple(expected[ours]):
-                raise ValueError(f"tensor {key!r} in {filename} has shape {tuple(tensor.shape)}, but config.json "
-                                 f"implies {tuple(expected[ours])}")
-            state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        if args.tie_embeddings:
-            expected.pop("output.weight", None)
-        missing = sorted(ours_to_hf[k] for k in expected if k not in state)
+            if key not in expected:
+                raise UserError(f"unexpected tensor {key!r} in {filename}: not part of a {args.n_layers}-layer Llama")
+            if tuple(tensor.shape) != expected[key]:
+                raise UserError(f"tensor {key!r} in {filename} has shape {tuple(tensor.shape)}, but config.json "
+                                f"implies {expected[key]}")
+            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        missing = sorted(set(expected) - set(state))
         if missing:
-            raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+            raise UserError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        state = {ours: state[hf] for ours, hf in ours_to_hf.items()}
         model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared one
@@ -372,99 +309,61 @@ class Llama(nn.Module):
                            max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
 
 
-def sample_token(logits, temperature: float, top_p: float, generator=None) -> int:
-    """Greedy when temperature is 0, otherwise nucleus (top-p) sampling. logits (1, vocab)."""
-    if temperature <= 0:
-        return int(logits.argmax(-1))
-    probs = torch.softmax(logits / temperature, dim=-1)[0]
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set with mass >= top_p
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
-
-
-# ----------------------------------------------------------------------------------------------
-# the Hugging Face layout: config.json <-> ModelArgs, tensor names, safetensors files
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
 def read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path} does not exist")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} is missing: a model directory needs config.json")
-    with open(config_path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        raise UserError(f"{config_path} is missing: a model directory needs config.json")
+    try:
+        return json.loads(pathlib.Path(config_path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON ({e})") from None
 
 
-def args_from_hf_config(config: dict) -> ModelArgs:
+def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from config.json; a missing required field or an unimplemented FIXED_FIELDS value is named."""
     if config.get("model_type") != "llama":
-        raise ValueError(f"model_type {config.get('model_type')!r} in config.json is not supported; "
-                         f"this project loads Llama models (model_type 'llama')")
-    return ModelArgs(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        vocab_size=config["vocab_size"], ffn_dim=config["intermediate_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-5), head_dim=config.get("head_dim"),
-        tie_embeddings=config.get("tie_word_embeddings", False),
-        max_seq_len=config.get("max_position_embeddings", 8192), rope=rope.from_hf(config),
-        bos_id=config.get("bos_token_id", 128000), eos_id=config.get("eos_token_id", 128001))
+        raise UserError(f"model_type {config.get('model_type')!r} in {source} is not supported: this loads Llama only")
+    for name, value in FIXED_FIELDS.items():
+        if config.get(name, value) != value:
+            raise UserError(f"{name} {config[name]!r} in {source} is not supported; this Llama implements {value!r}")
+    missing = [name for name in HF_NAMES.values() if name not in HF_DEFAULTS and config.get(name) is None]
+    if missing:
+        raise UserError(f"{source} lacks {missing[0]!r}, which a Llama config needs")
+    values = {ours: config.get(name, HF_DEFAULTS.get(name)) for ours, name in HF_NAMES.items()}
+    values["n_kv_heads"] = values["n_kv_heads"] or values["n_heads"]
+    return ModelArgs(**values, rope=rope.from_hf(config, source))
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": 0.02,
-        "tie_word_embeddings": args.tie_embeddings, "bos_token_id": args.bos_id, "eos_token_id": args.eos_id,
-        # the window: serving engines refuse longer requests without overrides
-        "max_position_embeddings": args.max_seq_len,
-        **rope.to_hf(args.rope, args.head_dim),
-        "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
-    }
+    # max_position_embeddings = our window: serving engines refuse longer requests without overrides
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **FIXED_FIELDS,
+            **{name: getattr(args, ours) for ours, name in HF_NAMES.items()},
+            **rope.to_hf(args.rope, args.head_dim), "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
 
 
 def hf_key_map(args: ModelArgs) -> dict[str, str]:
-    """Our parameter names -> the Hugging Face names, one explicit table."""
+    """Our parameter names -> the Hugging Face names, from the explicit HF_LAYER_NAMES table."""
     keys = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not args.tie_embeddings:
         keys["output.weight"] = "lm_head.weight"
-    per_layer = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                 "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                 "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                 "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-                 "ffn_norm": "post_attention_layernorm"}
-    for i in range(args.n_layers):
-        for ours, hf in per_layer.items():
-            keys[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
-    return keys
+    return keys | {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
+                   for i in range(args.n_layers) for ours, hf in HF_LAYER_NAMES.items()}
 
 
 def read_safetensors(path: str):
     """Yield (name, tensor, filename) from model.safetensors or the shards an index lists.
     safe_open memory-maps each file and materialises one tensor at a time."""
     from safetensors import safe_open
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path} has no weights: expected model.safetensors or "
-                                f"model.safetensors.index.json with its shards")
-    for filename in files:
-        full = os.path.join(path, filename)
+        raise UserError(f"{path} has no weights: neither model.safetensors nor model.safetensors.index.json")
+    for full in (os.path.join(path, filename) for filename in files):
         if not os.path.exists(full):
-            raise FileNotFoundError(f"shard {full} listed in model.safetensors.index.json is missing")
+            raise UserError(f"shard {full} listed in model.safetensors.index.json is missing")
         with safe_open(full, framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key), full
@@ -472,46 +371,39 @@ def read_safetensors(path: str):
 
 def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir: str | None = None,
                        max_shard_bytes: int = 5 << 30, tokenizer=None):
-    """Write config.json, safetensors (sharded with an index above max_shard_bytes) and the
-    tokenizer files. Each file is written under a temporary name and renamed when complete."""
+    """Write safetensors (sharded with an index above max_shard_bytes), the tokenizer files, and
+    config.json last, so that it marks a complete export; weights and config go through atomic_write."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     ours_to_hf = hf_key_map(args)
     tensors = {ours_to_hf[k]: v.detach().contiguous().cpu() for k, v in state_dict.items() if k in ours_to_hf}
-    dtype = tensors["model.embed_tokens.weight"].dtype
-
-    shards, current, size = [], {}, 0
+    shards, size = [{}], 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-
-    stale = [f for f in os.listdir(path) if f.startswith("model") and f.endswith((".safetensors", ".index.json"))]
-    for f in stale:  # a previous export with another shard count must not linger
-        os.remove(os.path.join(path, f))
-    if len(shards) == 1:
-        atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(os.path.join(path, filename), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
-            weight_map.update({name: filename for name in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda tmp: _write_json(tmp, index))
-
-    if source_dir is not None and os.path.abspath(source_dir) != os.path.abspath(path):
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(source_dir, name)):
-                shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t, size + t.nbytes
+    for f in os.listdir(path):  # a previous export with another shard count must not linger
+        if f.startswith("model") and f.endswith((".safetensors", ".index.json")):
+            os.remove(os.path.join(path, f))
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = names if len(shards) > 1 else ["model.safetensors"]
+    for filename, shard in zip(names, shards):
+        atomic_write(os.path.join(path, filename), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {name: filename for filename, shard in zip(names, shards) for name in shard}}
+        atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda tmp: write_json(tmp, index))
+    for name in TOKENIZER_FILES if source_dir and os.path.abspath(source_dir) != os.path.abspath(path) else ():
+        if os.path.exists(os.path.join(source_dir, name)):
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
     if tokenizer is not None:  # written after the copy: it may carry a chat template the source lacked
         tokenizer.save(path)
-    atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_config(args, dtype)))
+    config = hf_config(args, tensors["model.embed_tokens.weight"].dtype)
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
+
+
+def write_json(path: str, obj):
+    pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def atomic_write(path: str, write):
@@ -526,19 +418,10 @@ def atomic_write(path: str, write):
             os.remove(tmp)
 
 
-def _write_json(path: str, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def count_params(args: ModelArgs, embeddings: bool = True) -> int:
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    mlp = 3 * args.dim * args.ffn_dim
-    total = args.n_layers * (attn + mlp + 2 * args.dim) + args.dim
-    if embeddings:
-        total += args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
-    return total
+    total = args.n_layers * (attn + 3 * args.dim * args.ffn_dim + 2 * args.dim) + args.dim  # + the norms
+    return total + (args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) if embeddings else 0)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = True) -> float:

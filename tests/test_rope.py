@@ -1,5 +1,6 @@
 """RoPE: frequencies bit-identical to the Hugging Face reference, the paper's settings, and
 angles that stay exact at 4M positions."""
+import copy
 import math
 
 import pytest
@@ -11,19 +12,20 @@ from rope import RopeSettings
 transformers = pytest.importorskip("transformers")
 
 
-def hf_inv_freq(settings: RopeSettings, head_dim: int, max_pos: int):
-    """inv_freq and attention scaling from transformers' own rope functions."""
+def hf_reference(fields: dict, head_dim: int = 64):
+    """inv_freq and attention scaling from transformers' own rope functions, for config.json fields."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    fields = rope.to_hf(settings, head_dim)
-    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
-                         max_position_embeddings=max_pos, rope_theta=fields["rope_theta"],
-                         rope_scaling=fields["rope_scaling"])
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, **fields)
     kind = config.rope_parameters["rope_type"]
     if kind == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     return ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+
+
+def hf_inv_freq(settings: RopeSettings, head_dim: int, max_pos: int):
+    return hf_reference({**rope.to_hf(settings, head_dim), "max_position_embeddings": max_pos}, head_dim)
 
 
 LLAMA31 = RopeSettings(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192)
@@ -115,10 +117,84 @@ def test_cos_sin_for_arbitrary_positions_equals_a_gathered_table():
 
 
 def test_bad_settings_are_refused_with_a_sentence():
-    with pytest.raises(ValueError, match="unknown rope type"):
+    with pytest.raises(rope.UserError, match="unknown rope type"):
         RopeSettings(kind="linearish")
-    with pytest.raises(ValueError, match="unsupported rope type 'dynamic'"):
+    with pytest.raises(rope.UserError, match="unsupported rope type 'dynamic'"):
         rope.from_hf({"rope_theta": 1e4, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ValueError, match="K, M or G"):
+    with pytest.raises(rope.UserError, match="K, M or G"):
         rope.parse_size("4Q")
     assert rope.parse_size("4M") == 4194304 and rope.parse_size("128K") == 131072 and rope.parse_size("512") == 512
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json as checkpoints write it: every field present, optional ones omitted (transformers'
+# defaults), gpt-oss's "truncate": false and DeepSeek's mscale / mscale_all_dim; bit for bit
+
+YARN = {"rope_type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 8.0,
+        "beta_slow": 2.0, "attention_factor": 1.25, "truncate": False}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 2.0,
+          "high_freq_factor": 8.0}
+
+
+def config_with(scaling: dict, omit=(), **changes) -> dict:
+    scaling = {k: v for k, v in {**scaling, **changes}.items() if k not in omit}
+    return {"rope_theta": 500000.0, "max_position_embeddings": 1 << 18, "rope_scaling": scaling}
+
+
+CASES = {
+    "yarn, every field": config_with(YARN),
+    **{f"yarn without {name}": config_with(YARN, omit=[name]) for name in (
+        "beta_fast", "beta_slow", "attention_factor", "truncate", "original_max_position_embeddings")},
+    "yarn, only the required fields": config_with(YARN, omit=["beta_fast", "beta_slow", "attention_factor", "truncate"]),
+    "yarn factor null": config_with(YARN, factor=None),  # transformers derives it: 2^18 / 4096 = 64
+    "yarn factor null, no attention_factor": config_with(YARN, factor=None, omit=["attention_factor"]),
+    "yarn truncate true": config_with(YARN, truncate=True),
+    "DeepSeek mscale 1/0.5": config_with(YARN, omit=["attention_factor"], mscale=1.0, mscale_all_dim=0.5),
+    "DeepSeek mscale 0.707/0.707": config_with(YARN, omit=["attention_factor"], mscale=0.707, mscale_all_dim=0.707),
+    "mscale alone is unused": config_with(YARN, omit=["attention_factor"], mscale=1.0),
+    "attention_factor wins over mscale": config_with(YARN, mscale=1.0, mscale_all_dim=0.5),
+    "yarn, transformers 5": {"rope_parameters": {"rope_theta": 1e4, **YARN}, "max_position_embeddings": 1 << 18},
+    "llama3, every field": config_with(LLAMA3),
+    "llama3 without original window": config_with(LLAMA3, omit=["original_max_position_embeddings"]),
+    "llama3, transformers 5": {"rope_parameters": {"rope_theta": 5e5, **LLAMA3}, "max_position_embeddings": 1 << 17},
+    "default": {"rope_theta": 500000.0, "rope_scaling": None},
+    "default, whole heads": {"rope_theta": 1e4, "rope_scaling": {"rope_type": "default"}, "partial_rotary_factor": 1},
+}
+
+
+@pytest.mark.parametrize("config", CASES.values(), ids=CASES.keys())
+def test_config_fields_present_or_omitted_give_transformers_numbers_bit_for_bit(config):
+    ours = rope.from_hf(copy.deepcopy(config))
+    ref, ref_scale = hf_reference(copy.deepcopy(config), 128)  # (transformers edits the dicts it is given)
+    assert torch.equal(rope.inv_freq(ours, 128), ref)
+    assert ours.mscale == ref_scale
+    again = rope.from_hf({**rope.to_hf(ours, 128), "max_position_embeddings": 1})  # the export: nothing implicit
+    assert torch.equal(rope.inv_freq(again, 128), ref) and again.mscale == ref_scale
+
+
+def test_truncate_false_and_deepseek_mscale_change_the_numbers():
+    """The cases above would pass vacuously if these fields did nothing."""
+    base = rope.from_hf(config_with(YARN, omit=["attention_factor"]))
+    truncated = rope.from_hf(config_with(YARN, truncate=True))
+    assert not torch.equal(rope.inv_freq(truncated, 128), rope.inv_freq(base, 128))
+    deepseek = rope.from_hf(config_with(YARN, omit=["attention_factor"], mscale=1.0, mscale_all_dim=0.5))
+    assert deepseek.mscale != base.mscale
+
+
+@pytest.mark.parametrize("field", ["factor", "low_freq_factor", "high_freq_factor"])
+def test_llama3_without_a_field_transformers_requires_is_refused_by_name(field):
+    with pytest.raises(KeyError):  # transformers has no default either
+        hf_reference(config_with(LLAMA3, omit=[field]))
+    with pytest.raises(rope.UserError, match=f"ckpt/config.json lacks rope field '{field}'"):
+        rope.from_hf(config_with(LLAMA3, omit=[field]), "ckpt/config.json")
+
+
+@pytest.mark.parametrize("config, field", [
+    (config_with(YARN, finetuned=True), "'finetuned' of rope type 'yarn'"),
+    (config_with(LLAMA3, beta_fast=4.0), "'beta_fast' of rope type 'llama3'"),
+    (config_with(YARN, partial_rotary_factor=0.5), "'partial_rotary_factor' of rope type 'yarn'"),
+    ({"rope_theta": 1e4, "rope_scaling": {"rope_type": "default", "factor": 2.0}}, "'factor' of rope type 'default'"),
+])
+def test_a_field_that_would_change_the_math_is_refused_by_name(config, field):
+    with pytest.raises(rope.UserError, match=f"field {field} in ckpt/config.json is not supported"):
+        rope.from_hf(config, "ckpt/config.json")
