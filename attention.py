@@ -10,11 +10,9 @@ Two partial results over disjoint key sets merge exactly:
 and the backward pass of a block only needs the FINAL out and lse of its query rows
 (FlashAttention's trick): dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse).
 
-Sections: 1. the definition; 2. one (query block, key block) pair; 3. the merge; 4. chunked
-attention on one device; 5. ring attention across ranks; 6. the zigzag layout. Public functions
-take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA: 8 KV heads for 32 query heads
-in Llama 3.1 8B), viewed head-major inside (a transpose of strides, never a copy). KV heads are
-never repeated before communication.
+Public functions take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA: 8 KV heads
+for 32 query heads in Llama 3.1 8B), viewed head-major inside (a transpose of strides, never a
+copy); KV heads are never repeated before communication.
 """
 
 import math
@@ -38,7 +36,6 @@ MATH_ROWS = 128
 
 
 # --- 1. The definition -----------------------------------------------------------------------
-
 def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
     """Plain softmax attention, every score materialised (tests and tiny inputs only).
     q (B, Tq, H, D), k/v (B, Tk, KV, D), doc_ids (B, Tk) or None. Causal: the queries are the
@@ -83,18 +80,12 @@ def _finite_or_zero(lse):
 
 def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     """(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32): PyTorch's fused kernel on CPU and
-    CUDA; masked blocks and other devices take the math path, MATH_ROWS query rows at a time."""
+    CUDA; masked blocks and other devices take the math path."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_forward(q, k, v, scale, causal)
-    B, H, Tq, D = q.shape
-    visible = _visible_keys(Tq, k.shape[2], causal, mask, q.device)
-    out = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    for start in range(0, Tq, MATH_ROWS):
-        rows = slice(start, start + MATH_ROWS)
-        scores = _math_scores(q[:, :, rows], k, scale, visible[:, rows])
-        rows_lse = scores.logsumexp(dim=-1)  # (B, KV, G, rows), -inf where a row sees nothing
-        probs = torch.exp(scores - _finite_or_zero(rows_lse)[..., None])
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for rows, probs, rows_lse in _math_rows(q, k, scale, causal, mask):
         out[:, :, rows] = (probs @ v.float().unsqueeze(2)).flatten(1, 2)
         lse[:, :, rows] = rows_lse.flatten(1, 2)
     return out, lse
@@ -105,32 +96,33 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
     makes chunked and ring backward passes exact. Fused kernel or math path, as forward."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
-
-    def grouped(x, rows):  # (B, H, rows, ...) -> (B, KV, G, rows, ...) in fp32
-        return x[:, :, rows].float().unflatten(1, (k.shape[1], -1))
-
-    visible = _visible_keys(q.shape[2], k.shape[2], causal, mask, q.device)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk, dv = _zeros32(k), _zeros32(v)
-    for start in range(0, q.shape[2], MATH_ROWS):
-        rows = slice(start, start + MATH_ROWS)
-        scores = _math_scores(q[:, :, rows], k, scale, visible[:, rows])
-        probs = torch.exp(scores - _finite_or_zero(grouped(lse, rows))[..., None])  # FULL row
-        rows_dout = grouped(dout, rows)  # (B, KV, G, rows, D)
+    for rows, probs, _ in _math_rows(q, k, scale, causal, mask, lse):
+        rows_dout = _grouped(dout, rows, k.shape[1])  # (B, KV, G, rows, D)
         dv += (probs.transpose(-1, -2) @ rows_dout).sum(dim=2)  # (B, KV, Tk, D)
         dprobs = rows_dout @ v.float().unsqueeze(2).transpose(-1, -2)  # (B, KV, G, rows, Tk)
-        row_dot = (rows_dout * grouped(out, rows)).sum(dim=-1, keepdim=True)
+        row_dot = (rows_dout * _grouped(out, rows, k.shape[1])).sum(dim=-1, keepdim=True)
         dscores = probs * (dprobs - row_dot) * scale
         dq[:, :, rows] = (dscores @ k.float().unsqueeze(2)).flatten(1, 2)
-        dk += (dscores.transpose(-1, -2) @ grouped(q, rows)).sum(2)
+        dk += (dscores.transpose(-1, -2) @ _grouped(q, rows, k.shape[1])).sum(2)
     return dq, dk, dv
 
-def _math_scores(q, k, scale, visible):
-    """Masked scores (B, KV, G, Tq, Tk) in fp32, grouping the G query heads of each KV head
-    instead of repeating the KV heads."""
-    q_grouped = q.float().unflatten(1, (k.shape[1], -1))  # (B, KV, G, Tq, D)
-    scores = q_grouped @ k.float().unsqueeze(2).transpose(-1, -2) * scale
-    return scores.masked_fill(~visible[:, None, None], float("-inf"))
+def _math_rows(q, k, scale, causal, mask, lse=None):
+    """The math path, MATH_ROWS query rows at a time: yields (rows, probabilities (B, KV, G,
+    rows, Tk) fp32, their lse (B, KV, G, rows)), the G query heads of each KV head grouped
+    instead of the KV heads repeated. Given the FINAL lse (backward), probabilities against it."""
+    visible = _visible_keys(q.shape[2], k.shape[2], causal, mask, q.device)
+    for start in range(0, q.shape[2], MATH_ROWS):
+        rows = slice(start, start + MATH_ROWS)
+        scores = _grouped(q, rows, k.shape[1]) @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+        scores = scores.masked_fill(~visible[:, None, None, rows], float("-inf"))
+        rows_lse = scores.logsumexp(dim=-1) if lse is None else _grouped(lse, rows, k.shape[1])
+        yield rows, torch.exp(scores - _finite_or_zero(rows_lse)[..., None]), rows_lse
+
+def _grouped(x, rows, n_kv_heads):
+    """x[:, :, rows] (B, H, rows, ...) as (B, KV, G, rows, ...) in fp32."""
+    return x[:, :, rows].float().unflatten(1, (n_kv_heads, -1))
 
 
 # The fused kernels return the lse; their backward takes the final out and lse. CPU: PyTorch's
@@ -184,16 +176,11 @@ def _fused_block_forward(q, k, v, scale, causal):
 
 def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
     H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    if q.device.type == "cpu":
-        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-        return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
+    kernel = None if q.device.type == "cpu" else _cuda_kernel(q, k, v, scale, causal)
     # No dropout: the kernels' random-number state is never read (cuDNN wants it on the GPU).
-    no_rng = torch.empty((), dtype=torch.long)
-    kernel = _cuda_kernel(q, k, v, scale, causal)
+    no_rng = torch.empty((), dtype=torch.long,
+                         device=q.device if kernel == SDPBackend.CUDNN_ATTENTION else "cpu")
     if kernel == SDPBackend.CUDNN_ATTENTION:
-        no_rng = torch.empty((), dtype=torch.long, device=q.device)
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, Tq, Tk,
             0.0, causal, scale=scale)
@@ -201,16 +188,18 @@ def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
         return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
             scale=scale)
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-    lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
-        causal, scale=scale)
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)  # the CPU and efficient kernels
+    if kernel is None:
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    else:
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, torch.nn.functional.pad(lse, (0, -Tq % 32)), no_rng,
+            no_rng, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
 
 
 # --- 3. The merge ----------------------------------------------------------------------------
-
 def merge_partial_attention(out, lse, block_out, block_lse):
     """Merge one block's result into the running result, IN PLACE. out (B, H, T, D) and lse
     (B, H, T), fp32, hold attention over the keys seen so far, block_out/block_lse over another,
@@ -225,7 +214,6 @@ def merge_partial_attention(out, lse, block_out, block_lse):
 
 
 # --- 4. Chunked attention on one device ------------------------------------------------------
-
 def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
     """Yield (query rows, key columns, is_diagonal, mask) for every tile of the queries `rows`
     against the keys `cols` (two ranges) that has a visible key. Causal: the queries are the
@@ -307,37 +295,33 @@ def _ring_step_tiles(rank, source, n_queries, n_keys, causal, block_size, q_doc,
     return _attention_tiles(rows, cols, causal, block_size, q_doc, k_doc)
 
 class RingExchange:
-    """Sends a list of tensors to the next rank of the ring and receives the previous rank's,
-    asynchronously: start([k, v, doc_ids]), compute on the current block, then wait() returns
-    the previous rank's list. None entries (no document ids) are not sent and come back None.
-    Every rank posts its sends before its receives in one batch_isend_irecv, so neither gloo nor
-    NCCL can deadlock, with 2 ranks (next == previous) or more. Each exchange has its own tag:
-    two in flight at once (K/V and, in backward, their gradients) cannot be confused by gloo,
-    which matches messages by tag. A ring of one rank hands the tensors straight back."""
+    """Sends a list of tensors to the next rank of the ring and receives the previous rank's:
+    start([k, v, doc_ids]), compute on the current block, then wait() returns the previous
+    rank's list (None entries, no document ids, are not sent). Every rank posts its sends before
+    its receives in one batch_isend_irecv, so neither gloo nor NCCL can deadlock, with 2 ranks
+    (next == previous) or more. Each exchange has its own tag: gloo matches messages by tag, so
+    two in flight (K/V and, in backward, dK/dV) cannot be confused. A ring of one hands back."""
 
     def __init__(self, group, rank, world_size, tag):
-        self.group, self.rank, self.world_size, self.tag = group, rank, world_size, tag
-        self._sending, self._receiving, self._requests = None, None, None
+        self.group, self.world_size, self.tag = group, world_size, tag
+        self.next, self.previous = (rank + 1) % world_size, (rank - 1) % world_size
 
     def start(self, tensors):
-        self._sending = [None if t is None else t.contiguous() for t in tensors]  # kept alive
+        self.sending = [None if t is None else t.contiguous() for t in tensors]  # kept alive
         if self.world_size == 1:
-            self._receiving, self._requests = self._sending, []
+            self.receiving, self.requests = self.sending, []
             return
-        self._receiving = [None if t is None else torch.empty_like(t) for t in self._sending]
-        next_rank = (self.rank + 1) % self.world_size
-        previous_rank = (self.rank - 1) % self.world_size
-        operations = [dist.P2POp(dist.isend, t, group=self.group, group_peer=next_rank,
-                                 tag=self.tag) for t in self._sending if t is not None]
-        operations += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=previous_rank,
-                                  tag=self.tag) for t in self._receiving if t is not None]
-        self._requests = dist.batch_isend_irecv(operations)
+        self.receiving = [None if t is None else torch.empty_like(t) for t in self.sending]
+        operations = [dist.P2POp(dist.isend, t, group=self.group, group_peer=self.next,
+                                 tag=self.tag) for t in self.sending if t is not None]
+        operations += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=self.previous,
+                                  tag=self.tag) for t in self.receiving if t is not None]
+        self.requests = dist.batch_isend_irecv(operations)
 
     def wait(self):
-        for request in self._requests:
+        for request in self.requests:
             request.wait()
-        received = self._receiving
-        self._sending, self._receiving, self._requests = None, None, None
+        received, self.sending, self.receiving = self.receiving, None, None  # sent: freed
         return received
 
 _KV_TAG, _KV_GRAD_TAG = 0, 1  # gloo message tags of the two exchanges that can be in flight
@@ -412,21 +396,18 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
                    block_size=DEFAULT_BLOCK_SIZE):
-    """Exact attention over a sequence split across the ranks of `group` (None: the default
-    group), context parallel, with gloo (CPU) or NCCL (GPU). q (B, T, H, D), k/v (B, T, KV, D)
-    and doc_ids (B, T) are THIS rank's zigzag shard (positions zigzag_indices(P x T, rank in
-    group, P)). Returns this rank's rows of the output, (B, T, H, D) in q's dtype.
-    Differentiable: q, k and v get this rank's shards of the full gradients, exactly."""
+    """Exact attention over a sequence split across the P ranks of `group` (None: the default
+    group), gloo or NCCL. q (B, T, H, D), k/v (B, T, KV, D), doc_ids (B, T): THIS rank's zigzag
+    shard (positions zigzag_indices(P x T, rank, P)). Returns its rows of the output (B, T, H, D)
+    in q's dtype; q, k and v get this rank's shards of the full gradients, exactly."""
     _check_attention_inputs(q, k, v, doc_ids, block_size)
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("ring attention needs torch.distributed to be initialised "
                          "(dist.init_process_group) before it is called.")
     world_size = dist.get_world_size(group)
-    if world_size < 0:
-        raise ValueError("this process is not a member of the process group it was given.")
-    if world_size > dist.get_world_size():
+    if not 0 < world_size <= dist.get_world_size():
         raise ValueError(f"the process group has {world_size} ranks but the world has only "
-                         f"{dist.get_world_size()} processes.")
+                         f"{dist.get_world_size()} processes (-1: this process is not in it).")
     if q.shape[1] != k.shape[1] or q.shape[1] % 2 != 0:
         raise ValueError(f"a zigzag shard of q, k and v holds two equal chunks, got lengths "
                          f"{q.shape[1]} and {k.shape[1]}: the sequence length must be divisible "
@@ -437,14 +418,11 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
 
 
 # --- 6. The zigzag layout --------------------------------------------------------------------
-# Causal attention is triangular: cutting the sequence into P consecutive pieces would give the
-# last rank P times the work of the first. Cutting it into 2P chunks and giving rank r the
-# chunks r and 2P-1-r pairs a cheap chunk with an expensive one, so every rank does the same
-# work. Tokens, labels, positions and the loss mask are all split with this one permutation,
-# and RoPE uses the positions a rank actually holds:
-#
+# Causal attention is triangular: P consecutive pieces would give the last rank P times the work
+# of the first. 2P chunks, rank r holding chunks r and 2P-1-r, pair a cheap chunk with an
+# expensive one, so every rank does the same work. Tokens, labels, positions and the loss mask
+# are all split with this one permutation, and RoPE uses the positions a rank holds:
 #     positions = zigzag_indices(seq_len, cp_rank, cp)  # [0, 1, 6, 7] on rank 0 of 2
-#     tokens, labels, loss_mask = (x[:, positions] for x in (tokens, labels, loss_mask))
 
 def zigzag_ranges(seq_len, rank, world_size):
     """The two [start, stop) ranges of global positions held by `rank`: chunks rank and 2P-1-rank
