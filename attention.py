@@ -1,18 +1,16 @@
 """Attention for million-token sequences: blocks with log-sum-exp, chunked, and ring attention.
 
 At 1M-4M tokens attention is ~98% of the work and its inputs are the only thing that does not
-fit on one GPU. Everything here is built from one idea: softmax attention over a set of keys
-can be computed block by block, if each block also returns the log-sum-exp (lse) of its scores.
-Two partial results over disjoint key sets merge exactly:
+fit on one GPU. All of it rests on one idea: attention can be computed block by block if each
+block also returns the log-sum-exp (lse) of its scores. Results over disjoint keys merge exactly:
 
     lse = log(exp(lse1) + exp(lse2)),   out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)
 
 and the backward pass of a block only needs the FINAL out and lse of its query rows
 (FlashAttention's trick): dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse).
 
-Public functions take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA: 8 KV heads
-for 32 query heads in Llama 3.1 8B), viewed head-major inside (a transpose of strides, never a
-copy); KV heads are never repeated before communication.
+Public functions take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA), viewed
+head-major inside (a transpose, never a copy); KV heads are never repeated before communication.
 """
 
 import math
@@ -23,28 +21,24 @@ from torch.nn.attention import SDPBackend
 
 aten = torch.ops.aten
 
-# Keys (and queries) per tile. One tile for anything up to this length, so short sequences cost
-# one fused kernel call; above it, memory is O(T x block) instead of O(T^2). Every tile adds
-# merges and fp32 accumulations that move memory without doing attention, and a larger tile
-# spreads them over more work: at 128K tokens on an H200 (bf16, Llama 3.1 8B's heads), blocks of
-# 4096 / 8192 / 16384 reached 0.83x / 0.92x / 0.97x of fused SDPA's TFLOP/s (bench/README.md).
+# Keys (and queries) per tile: one tile (one fused kernel call) up to this length, above it memory
+# O(T x block) instead of O(T^2). Each tile adds merges and fp32 accumulations that move memory
+# without doing attention; larger tiles spread them over more work: at 128K tokens on an H200 (bf16,
+# Llama 3.1 8B's heads), blocks of 4096 / 8192 / 16384 reached 0.83x / 0.92x / 0.97x of fused
+# SDPA's TFLOP/s (bench/README.md).
 DEFAULT_BLOCK_SIZE = 16384
 
-# Query rows per step of the math path: at most (B, H, MATH_ROWS, Tk) fp32 scores at once
-# (256 MiB for 32 heads and 16384 keys).
+# Query rows per step of the math path: (B, H, 128, Tk) fp32 scores = 256 MiB at 32 heads x 16K keys
 MATH_ROWS = 128
 
 
-# --- 1. The definition -----------------------------------------------------------------------
 def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
-    """Plain softmax attention, every score materialised (tests and tiny inputs only).
-    q (B, Tq, H, D), k/v (B, Tk, KV, D), doc_ids (B, Tk) or None. Causal: the queries are the
-    LAST Tq keys, query i sees key j iff j <= i + (Tk - Tq). Returns out (B, Tq, H, D) in q's
-    dtype and lse (B, H, Tq) fp32 (-inf for a query that sees no key)."""
+    """Plain softmax attention, every score materialised (for tests). q (B, Tq, H, D), k/v (B,
+    Tk, KV, D), doc_ids (B, Tk) or None; causal: the queries are the LAST Tq keys, query i sees
+    key j iff j <= i + Tk - Tq. Returns out (B, Tq, H, D) in q's dtype and lse (B, H, Tq) fp32."""
     Tq, H, D, Tk, KV = *q.shape[1:], *k.shape[1:3]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.repeat_interleave(H // KV, dim=2)  # a copy per query head: fine for a reference
-    v = v.repeat_interleave(H // KV, dim=2)
+    k, v = (x.repeat_interleave(H // KV, dim=2) for x in (k, v))  # copies: fine for a reference
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Tq, Tk)
     same_doc = None if doc_ids is None else doc_ids[:, -Tq:, None] == doc_ids[:, None, :]
     visible = _visible_keys(Tq, Tk, causal, same_doc, q.device)  # (B or 1, Tq, Tk)
@@ -54,8 +48,7 @@ def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
     return out.to(q.dtype), lse
 
-def _visible_keys(Tq, Tk, causal, mask, device):
-    """(B or 1, Tq, Tk) bool, True = may attend: causal (bottom-right) and mask (B, Tq, Tk)."""
+def _visible_keys(Tq, Tk, causal, mask, device):  # (B or 1, Tq, Tk) bool: True = may attend
     visible = torch.ones(1, Tq, Tk, dtype=torch.bool, device=device)
     if causal:
         visible = visible.tril(diagonal=Tk - Tq)
@@ -64,16 +57,13 @@ def _visible_keys(Tq, Tk, causal, mask, device):
 def _zeros32(x):
     return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
 
-def _heads(*xs):
-    """(B, T, heads, D) -> head-major (B, heads, T, D) views of the same memory."""
+def _heads(*xs):  # (B, T, heads, D) -> head-major (B, heads, T, D) views of the same memory
     return [x.transpose(1, 2) for x in xs]
 
-def _finite_or_zero(lse):
-    """lse with -inf replaced by 0, so that exp(-inf - lse) is 0 rather than NaN."""
+def _finite_or_zero(lse):  # -inf -> 0, so that exp(-inf - lse) is 0 rather than NaN
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-# --- 2. One block: queries (B, H, Tq, D) against keys/values (B, KV, Tk, D), head-major ------
 # `causal` here is only ever used for square diagonal blocks (Tq == Tk, same positions), where
 # the top-left aligned mask of PyTorch's kernels and the bottom-right one agree. `mask` is an
 # optional (B, Tq, Tk) bool document mask. A query row that sees no key gets out 0, lse -inf.
@@ -91,9 +81,8 @@ def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     return out, lse
 
 def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=None):
-    """(dq, dk, dv), dk/dv with KV heads, given the FINAL out and lse of the query rows: as
-    those are merged over all key blocks, the gradients of separate blocks simply add up, which
-    makes chunked and ring backward passes exact. Fused kernel or math path, as forward."""
+    """(dq, dk, dv), dk/dv with KV heads, given the FINAL out and lse of the query rows (merged
+    over all key blocks), so that the gradients of separate blocks simply add up, exactly."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -109,9 +98,8 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
     return dq, dk, dv
 
 def _math_rows(q, k, scale, causal, mask, lse=None):
-    """The math path, MATH_ROWS query rows at a time: yields (rows, probabilities (B, KV, G,
-    rows, Tk) fp32, their lse (B, KV, G, rows)), the G query heads of each KV head grouped
-    instead of the KV heads repeated. Given the FINAL lse (backward), probabilities against it."""
+    """Yield (rows, probabilities (B, KV, G, rows, Tk) fp32, lse (B, KV, G, rows)) per MATH_ROWS
+    query rows, the G query heads of a KV head grouped; with lse given (backward), against it."""
     visible = _visible_keys(q.shape[2], k.shape[2], causal, mask, q.device)
     for start in range(0, q.shape[2], MATH_ROWS):
         rows = slice(start, start + MATH_ROWS)
@@ -120,19 +108,16 @@ def _math_rows(q, k, scale, causal, mask, lse=None):
         rows_lse = scores.logsumexp(dim=-1) if lse is None else _grouped(lse, rows, k.shape[1])
         yield rows, torch.exp(scores - _finite_or_zero(rows_lse)[..., None]), rows_lse
 
-def _grouped(x, rows, n_kv_heads):
-    """x[:, :, rows] (B, H, rows, ...) as (B, KV, G, rows, ...) in fp32."""
+def _grouped(x, rows, n_kv_heads):  # x[:, :, rows] (B, H, rows, ...) as (B, KV, G, rows, ...)
     return x[:, :, rows].float().unflatten(1, (n_kv_heads, -1))
 
 
-# The fused kernels return the lse; their backward takes the final out and lse. CPU: PyTorch's
-# flash-attention kernel for CPU with the KV heads of ONE block repeated (a block-sized copy,
-# after any communication) and their gradients summed back: it accepts fewer KV heads but ran
-# 4x slower that way (4 query heads on 1 KV head, torch 2.13). CUDA: the kernel SDPA itself
-# would pick. On Hopper that is cuDNN: the FlashAttention-2 kernel this file used to call by
-# name took 1.9x its time on the same tiles of an H200 and held chunked attention to half of
-# SDPA's TFLOP/s (bench/README.md). Older GPUs: FlashAttention-2; fp32: the memory-efficient
-# kernel. cuDNN and FlashAttention-2 take the KV heads as they are, memory-efficient repeated.
+# The fused kernels. CPU: PyTorch's flash kernel for CPU, with the KV heads of ONE block repeated
+# (a block-sized copy, after any communication) and their gradients summed back: given fewer KV
+# heads it ran 4x slower (4 query heads on 1 KV head, torch 2.13). CUDA: the kernel SDPA would
+# pick, with the KV heads as they are. On Hopper that is cuDNN: FlashAttention-2, once called here
+# by name, took 1.9x its time on the same H200 tiles, holding chunked attention to half of SDPA's
+# TFLOP/s (bench/README.md). Older GPUs: FlashAttention-2; fp32: memory-efficient, KV repeated.
 
 def _repeat_kv_heads(x, n_heads):
     """(B, KV, T, D) -> (B, H, T, D), query head h using KV head h // (H / KV), as in Llama."""
@@ -143,10 +128,9 @@ def _sum_kv_heads(grad, n_kv_heads):
     return grad if grad.shape[1] == n_kv_heads else grad.unflatten(1, (n_kv_heads, -1)).sum(2)
 
 def _cuda_kernel(q, k, v, scale, causal):
-    """CUDNN_ATTENTION or FLASH_ATTENTION where F.scaled_dot_product_attention would run that
-    kernel on these inputs, KV heads as they are (it follows torch.nn.attention.sdpa_kernel and
-    torch.use_deterministic_algorithms too); else EFFICIENT_ATTENTION, fp32 included, which
-    SDPA does not offer for fewer KV heads and so gets them repeated."""
+    """CUDNN_ATTENTION or FLASH_ATTENTION where F.scaled_dot_product_attention would run it on
+    these inputs with the KV heads as they are (it follows sdpa_kernel and deterministic mode);
+    else EFFICIENT_ATTENTION (fp32 too), which SDPA only offers with the KV heads repeated."""
     try:
         choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal, scale=scale,
                                                     enable_gqa=True))
@@ -158,10 +142,7 @@ def _cuda_kernel(q, k, v, scale, causal):
 
 def _fused_block_forward(q, k, v, scale, causal):
     B, H, Tq = q.shape[:3]
-    if q.device.type == "cpu":
-        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    kernel = _cuda_kernel(q, k, v, scale, causal)
+    kernel = None if q.device.type == "cpu" else _cuda_kernel(q, k, v, scale, causal)
     if kernel == SDPBackend.CUDNN_ATTENTION:
         out, lse = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
@@ -169,7 +150,9 @@ def _fused_block_forward(q, k, v, scale, causal):
     if kernel == SDPBackend.FLASH_ATTENTION:
         return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
                                                         scale=scale)[:2]
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)  # the CPU and efficient kernels
+    if kernel is None:
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     out, lse = aten._scaled_dot_product_efficient_attention(
         q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
@@ -198,12 +181,9 @@ def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
             no_rng, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
 
-
-# --- 3. The merge ----------------------------------------------------------------------------
 def merge_partial_attention(out, lse, block_out, block_lse):
-    """Merge one block's result into the running result, IN PLACE. out (B, H, T, D) and lse
-    (B, H, T), fp32, hold attention over the keys seen so far, block_out/block_lse over another,
-    disjoint set. A row that has seen no key has lse = -inf and out = 0; -inf on either side (or
+    """Merge a block's result into out (B, H, T, D) and lse (B, H, T), fp32, IN PLACE, over
+    disjoint keys. A row that has seen no key has lse = -inf and out = 0; -inf on either side (or
     both) never makes a NaN: -inf minus -inf is exactly the bug public ring-attention code hit."""
     merged_lse = torch.logaddexp(lse, block_lse)  # logaddexp(-inf, -inf) = -inf, no NaN
     reference = _finite_or_zero(merged_lse)
@@ -212,14 +192,11 @@ def merge_partial_attention(out, lse, block_out, block_lse):
     out.mul_(old_weight).addcmul_(block_out, new_weight)
     lse.copy_(merged_lse)
 
-
-# --- 4. Chunked attention on one device ------------------------------------------------------
 def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
-    """Yield (query rows, key columns, is_diagonal, mask) for every tile of the queries `rows`
-    against the keys `cols` (two ranges) that has a visible key. Causal: the queries are the
-    last keys; a query block's own positions form one square diagonal tile, the keys before it
-    are all visible, the tiles after it are skipped. q_doc (B, Tq) and k_doc (B, Tk): document
-    ids, or None; mask (B, rows, cols) bool, or None where the documents hide nothing."""
+    """Yield (query rows, key columns, is_diagonal, mask) for the tiles of queries `rows` against
+    keys `cols` (ranges) that have a visible key. Causal: the queries are the last keys; a query
+    block's own positions form one square diagonal tile, the keys before it are all visible.
+    q_doc (B, Tq), k_doc (B, Tk): document ids or None; mask: (B, rows, cols) bool or None."""
     offset = cols.stop - rows.stop  # query i is key i + offset
     for q_start in range(rows.start, rows.stop, block_size):
         q_rows = slice(q_start, min(q_start + block_size, rows.stop))
@@ -229,27 +206,22 @@ def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
         if causal:
             tiles.append((slice(q_rows.start + offset, q_rows.stop + offset), True))
         for k_cols, is_diagonal in tiles:
-            if q_doc is None:
-                yield q_rows, k_cols, is_diagonal, None
-                continue
-            same_doc = q_doc[:, q_rows, None] == k_doc[:, None, k_cols]
-            causal_hidden = ~torch.ones_like(same_doc[0]).tril() if is_diagonal else False
-            if bool((same_doc | causal_hidden).all()):
-                yield q_rows, k_cols, is_diagonal, None
-            elif same_doc.any():  # else two different documents: the tile is skipped
-                yield q_rows, k_cols, is_diagonal, same_doc
+            mask = None if q_doc is None else q_doc[:, q_rows, None] == k_doc[:, None, k_cols]
+            if mask is not None:
+                if not mask.any():
+                    continue  # a query block and a key block of two different documents
+                causal_hidden = ~torch.ones_like(mask[0]).tril() if is_diagonal else False
+                mask = None if bool((mask | causal_hidden).all()) else mask  # None: hides nothing
+            yield q_rows, k_cols, is_diagonal, mask
 
 def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
                       block_size=DEFAULT_BLOCK_SIZE):
     """Exact softmax attention on one device, in tiles of block_size queries x block_size keys.
-
     q (B, Tq, H, D); k, v (B, Tk, KV, D), H a multiple of KV. Returns (B, Tq, H, D) in q's dtype,
     accumulated in fp32. causal with Tk > Tq: the queries are the last Tq keys (KV-cache prefill,
     Tq=1 decode). doc_ids (B, Tk) or None: a query only sees keys of its own document. Tiles
-    above the diagonal or between documents are skipped; only q, k, v, out and lse are saved
-    (the backward recomputes each tile): memory O(T x block_size). Deterministic (safe under
-    activation checkpointing). It is ring attention on a ring of one rank: no communication.
-    """
+    above the diagonal or between documents are skipped; memory is O(T x block_size) in both
+    passes; deterministic (safe under activation checkpointing). A ring of one rank, in fact."""
     _check_attention_inputs(q, k, v, doc_ids, block_size)
     if causal and k.shape[1] < q.shape[1]:
         raise ValueError(f"causal attention needs at least as many keys as queries "
@@ -271,14 +243,11 @@ def _check_attention_inputs(q, k, v, doc_ids, block_size):
         raise ValueError(f"block_size must be positive, got {block_size}.")
 
 
-# --- 5. Ring attention (context parallelism) -------------------------------------------------
-# P ranks each hold 2 of the 2P chunks of the sequence (zigzag, section 6). Each rank keeps its
-# queries; the key/value blocks travel around the ring, one hop per step, so after P steps every
-# query has met every key and no rank ever holds more than two KV blocks at once (its current
-# one and the one arriving). The next block's transfer runs while the current one is computed.
-#
-# Which part of a block a rank's queries see follows from the zigzag layout. Rank r holds
-# chunks (r, 2P-1-r); at step s it holds the KV block of rank src = (r - s) mod P:
+# Ring attention: P ranks each hold 2 of the 2P chunks of the sequence (the zigzag layout, below)
+# and keep their queries; the K/V blocks travel around the ring, one hop per step, the next one's
+# transfer running while the current one is computed: after P steps every query has met every
+# key, and no rank holds more than two K/V blocks at once. Rank r holds chunks (r, 2P-1-r); at
+# step s it holds the block of rank src = (r - s) mod P, which its queries see thus:
 #   src == r: its own chunks, causal within them (chunk 2P-1-r sees all of chunk r);
 #   src <  r: both query chunks come after KV chunk src and before KV chunk 2P-1-src,
 #             so all queries see the first half of the block;
@@ -295,12 +264,10 @@ def _ring_step_tiles(rank, source, n_queries, n_keys, causal, block_size, q_doc,
     return _attention_tiles(rows, cols, causal, block_size, q_doc, k_doc)
 
 class RingExchange:
-    """Sends a list of tensors to the next rank of the ring and receives the previous rank's:
-    start([k, v, doc_ids]), compute on the current block, then wait() returns the previous
-    rank's list (None entries, no document ids, are not sent). Every rank posts its sends before
-    its receives in one batch_isend_irecv, so neither gloo nor NCCL can deadlock, with 2 ranks
-    (next == previous) or more. Each exchange has its own tag: gloo matches messages by tag, so
-    two in flight (K/V and, in backward, dK/dV) cannot be confused. A ring of one hands back."""
+    """start([k, v, doc_ids]) sends to the next rank of the ring (None entries are not sent);
+    wait() returns the previous rank's list. Every rank posts its sends before its receives in one
+    batch_isend_irecv, so neither gloo nor NCCL can deadlock, with 2 ranks or more. Each exchange
+    has its own tag (gloo matches by tag): two in flight, K/V and dK/dV, cannot be confused."""
 
     def __init__(self, group, rank, world_size, tag):
         self.group, self.world_size, self.tag = group, world_size, tag
@@ -308,7 +275,7 @@ class RingExchange:
 
     def start(self, tensors):
         self.sending = [None if t is None else t.contiguous() for t in tensors]  # kept alive
-        if self.world_size == 1:
+        if self.world_size == 1:  # a ring of one (chunked attention): hand them straight back
             self.receiving, self.requests = self.sending, []
             return
         self.receiving = [None if t is None else torch.empty_like(t) for t in self.sending]
@@ -327,10 +294,9 @@ class RingExchange:
 _KV_TAG, _KV_GRAD_TAG = 0, 1  # gloo message tags of the two exchanges that can be in flight
 
 class _RingAttention(torch.autograd.Function):
-    """Forward: KV blocks go around the ring once. Backward: they go around again, and with each
-    block travels the fp32 accumulator of its dK/dV, one hop behind; after the last step the
-    accumulator has visited every rank and lands on the block's owner, complete. Only q, k, v,
-    out and lse are saved: the backward recomputes each tile."""
+    """Forward: K/V blocks go around the ring once. Backward: again, each with the fp32 accumulator
+    of its dK/dV one hop behind, which lands on the block's owner complete after the last step.
+    Only q, k, v, out and lse are saved: the backward recomputes each tile."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc_ids, group, rank, world_size, causal, scale, block_size):
@@ -347,44 +313,41 @@ class _RingAttention(torch.autograd.Function):
             for rows, cols, is_diagonal, mask in _ring_step_tiles(
                     rank, (rank - step) % world_size, Tq, k.shape[1], causal, block_size, q_doc,
                     block[2]):
-                block_out, block_lse = attention_block_forward(
+                tile_out, tile_lse = attention_block_forward(
                     q_heads[:, :, rows], k_heads[:, :, cols], v_heads[:, :, cols], scale,
                     is_diagonal, mask)
-                merge_partial_attention(out_heads[:, :, rows], lse[:, :, rows], block_out,
-                                        block_lse)
+                merge_partial_attention(out_heads[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
             if step + 1 < world_size:
                 block = exchange.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, doc_ids)
-        ctx.ring, ctx.causal = (group, rank, world_size), causal
-        ctx.scale, ctx.block_size = scale, block_size
+        ctx.settings = group, rank, world_size, causal, scale, block_size
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, doc_ids = ctx.saved_tensors
-        (group, rank, world_size), Tq, dq = ctx.ring, q.shape[1], _zeros32(q)
+        (group, rank, world_size, causal, scale, block_size), Tq = ctx.settings, q.shape[1]
+        dq = _zeros32(q)
         dout_heads, q_heads, out_heads, dq_heads = _heads(dout.to(q.dtype), q, out, dq)
-        q_doc = None if doc_ids is None else doc_ids[:, -Tq:]
-        block = [k, v, doc_ids]
+        q_doc, block = None if doc_ids is None else doc_ids[:, -Tq:], [k, v, doc_ids]
         kv_exchange = RingExchange(group, rank, world_size, _KV_TAG)
         grad_exchange = RingExchange(group, rank, world_size, _KV_GRAD_TAG)
         for step in range(world_size):
             if step + 1 < world_size:
                 kv_exchange.start(block)
-            # The dK/dV accumulator of the block we hold: new for our own (step 0), else from
-            # the rank that held it last step. Waiting for it before computing exposes one O(T)
-            # transfer per step (against O(T^2) of compute) and saves a third fp32 buffer.
+            # The dK/dV accumulator of the block we hold: new at step 0 (our own), else from its
+            # last holder. Waiting before computing exposes O(T) (not O(T^2)), saves a buffer.
             block_dk, block_dv = (_zeros32(k), _zeros32(v)) if step == 0 else grad_exchange.wait()
             k_heads, v_heads, dk_heads, dv_heads = _heads(*block[:2], block_dk, block_dv)
             for rows, cols, is_diagonal, mask in _ring_step_tiles(
-                    rank, (rank - step) % world_size, Tq, k.shape[1], ctx.causal, ctx.block_size,
+                    rank, (rank - step) % world_size, Tq, k.shape[1], causal, block_size,
                     q_doc, block[2]):
                 tile_dq, tile_dk, tile_dv = attention_block_backward(
                     dout_heads[:, :, rows], q_heads[:, :, rows], k_heads[:, :, cols],
                     v_heads[:, :, cols], out_heads[:, :, rows], lse[:, :, rows].contiguous(),
-                    ctx.scale, is_diagonal, mask)
+                    scale, is_diagonal, mask)
                 dq_heads[:, :, rows] += tile_dq
                 dk_heads[:, :, cols] += tile_dk
                 dv_heads[:, :, cols] += tile_dv
@@ -402,8 +365,7 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
     in q's dtype; q, k and v get this rank's shards of the full gradients, exactly."""
     _check_attention_inputs(q, k, v, doc_ids, block_size)
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("ring attention needs torch.distributed to be initialised "
-                         "(dist.init_process_group) before it is called.")
+        raise ValueError("ring attention needs torch.distributed to be initialised first.")
     world_size = dist.get_world_size(group)
     if not 0 < world_size <= dist.get_world_size():
         raise ValueError(f"the process group has {world_size} ranks but the world has only "
@@ -417,7 +379,6 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
                                 causal, scale, block_size)
 
 
-# --- 6. The zigzag layout --------------------------------------------------------------------
 # Causal attention is triangular: P consecutive pieces would give the last rank P times the work
 # of the first. 2P chunks, rank r holding chunks r and 2P-1-r, pair a cheap chunk with an
 # expensive one, so every rank does the same work. Tokens, labels, positions and the loss mask
@@ -432,8 +393,7 @@ def zigzag_ranges(seq_len, rank, world_size):
         raise ValueError(f"sequence length {seq_len} must be divisible by 2 x cp = {n_chunks} "
                          f"for zigzag sharding.")
     chunk = seq_len // n_chunks
-    first, second = rank * chunk, (n_chunks - 1 - rank) * chunk
-    return [(first, first + chunk), (second, second + chunk)]
+    return [(i * chunk, (i + 1) * chunk) for i in (rank, n_chunks - 1 - rank)]
 
 def zigzag_indices(seq_len, rank, world_size):
     """The global positions held by `rank`, in order: chunks rank and 2P-1-rank of 2P."""
