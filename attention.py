@@ -7,10 +7,9 @@ block also returns the log-sum-exp (lse) of its scores. Results over disjoint ke
     lse = log(exp(lse1) + exp(lse2)),   out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)
 
 and the backward pass of a block only needs the FINAL out and lse of its query rows
-(FlashAttention's trick): dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse).
-
-Public functions take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA), viewed
-head-major inside (a transpose, never a copy); KV heads are never repeated before communication.
+(FlashAttention's trick): dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse). Public functions
+take (batch, seq, heads, head_dim), k/v with their fewer heads (GQA), viewed head-major inside (a
+transpose, never a copy); KV heads are never repeated before communication.
 """
 
 import math
@@ -23,9 +22,8 @@ aten = torch.ops.aten
 
 # Keys (and queries) per tile: one tile (one fused kernel call) up to this length, above it memory
 # O(T x block) instead of O(T^2). Each tile adds merges and fp32 accumulations that move memory
-# without doing attention; larger tiles spread them over more work: at 128K tokens on an H200 (bf16,
-# Llama 3.1 8B's heads), blocks of 4096 / 8192 / 16384 reached 0.83x / 0.92x / 0.97x of fused
-# SDPA's TFLOP/s (bench/README.md).
+# without doing attention, so larger tiles run faster: at 128K tokens on an H200 (bf16, Llama 3.1
+# 8B's heads), 4096 / 8192 / 16384 reached 0.83x / 0.92x / 0.97x of fused SDPA (bench/README.md).
 DEFAULT_BLOCK_SIZE = 16384
 
 # Query rows per step of the math path: (B, H, 128, Tk) fp32 scores = 256 MiB at 32 heads x 16K keys
@@ -142,7 +140,10 @@ def _cuda_kernel(q, k, v, scale, causal):
 
 def _fused_block_forward(q, k, v, scale, causal):
     B, H, Tq = q.shape[:3]
-    kernel = None if q.device.type == "cpu" else _cuda_kernel(q, k, v, scale, causal)
+    if q.device.type == "cpu":
+        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    kernel = _cuda_kernel(q, k, v, scale, causal)
     if kernel == SDPBackend.CUDNN_ATTENTION:
         out, lse = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
@@ -150,20 +151,23 @@ def _fused_block_forward(q, k, v, scale, causal):
     if kernel == SDPBackend.FLASH_ATTENTION:
         return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
                                                         scale=scale)[:2]
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)  # the CPU and efficient kernels
-    if kernel is None:
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
     out, lse = aten._scaled_dot_product_efficient_attention(
         q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
 
 def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
     H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    kernel = None if q.device.type == "cpu" else _cuda_kernel(q, k, v, scale, causal)
+    if q.device.type == "cpu":
+        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
     # No dropout: the kernels' random-number state is never read (cuDNN wants it on the GPU).
-    no_rng = torch.empty((), dtype=torch.long,
-                         device=q.device if kernel == SDPBackend.CUDNN_ATTENTION else "cpu")
+    no_rng = torch.empty((), dtype=torch.long)
+    kernel = _cuda_kernel(q, k, v, scale, causal)
     if kernel == SDPBackend.CUDNN_ATTENTION:
+        no_rng = torch.empty((), dtype=torch.long, device=q.device)
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, Tq, Tk,
             0.0, causal, scale=scale)
@@ -171,14 +175,11 @@ def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
         return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng,
             scale=scale)
-    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)  # the CPU and efficient kernels
-    if kernel is None:
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-    else:
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, None, out, torch.nn.functional.pad(lse, (0, -Tq % 32)), no_rng,
-            no_rng, 0.0, [True, True, True, False], causal, scale=scale)
+    k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
+        causal, scale=scale)
     return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
 
 def merge_partial_attention(out, lse, block_out, block_lse):
@@ -216,12 +217,11 @@ def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
 
 def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
                       block_size=DEFAULT_BLOCK_SIZE):
-    """Exact softmax attention on one device, in tiles of block_size queries x block_size keys.
-    q (B, Tq, H, D); k, v (B, Tk, KV, D), H a multiple of KV. Returns (B, Tq, H, D) in q's dtype,
-    accumulated in fp32. causal with Tk > Tq: the queries are the last Tq keys (KV-cache prefill,
-    Tq=1 decode). doc_ids (B, Tk) or None: a query only sees keys of its own document. Tiles
-    above the diagonal or between documents are skipped; memory is O(T x block_size) in both
-    passes; deterministic (safe under activation checkpointing). A ring of one rank, in fact."""
+    """Exact softmax attention on one device, in block_size x block_size tiles, fp32 accumulated.
+    q (B, Tq, H, D); k, v (B, Tk, KV, D), H a multiple of KV; returns (B, Tq, H, D) in q's dtype.
+    causal with Tk > Tq: the queries are the last Tq keys (KV-cache prefill, decode). doc_ids
+    (B, Tk) or None: a query sees only its own document. Skips tiles above the diagonal or between
+    documents; O(T x block) memory in both passes; deterministic (safe under checkpointing)."""
     _check_attention_inputs(q, k, v, doc_ids, block_size)
     if causal and k.shape[1] < q.shape[1]:
         raise ValueError(f"causal attention needs at least as many keys as queries "
@@ -296,7 +296,7 @@ _KV_TAG, _KV_GRAD_TAG = 0, 1  # gloo message tags of the two exchanges that can 
 class _RingAttention(torch.autograd.Function):
     """Forward: K/V blocks go around the ring once. Backward: again, each with the fp32 accumulator
     of its dK/dV one hop behind, which lands on the block's owner complete after the last step.
-    Only q, k, v, out and lse are saved: the backward recomputes each tile."""
+    Saves only q, k, v, out, lse (backward recomputes tiles); chunked_attention is a ring of one."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc_ids, group, rank, world_size, causal, scale, block_size):
