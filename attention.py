@@ -211,8 +211,8 @@ def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
             if mask is not None:
                 if not mask.any():
                     continue  # a query block and a key block of two different documents
-                causal_hidden = ~torch.ones_like(mask[0]).tril() if is_diagonal else False
-                mask = None if bool((mask | causal_hidden).all()) else mask  # None: hides nothing
+                if bool((mask | torch.ones_like(mask[0]).triu(1) if is_diagonal else mask).all()):
+                    mask = None  # the documents hide nothing here (causality hides above)
             yield q_rows, k_cols, is_diagonal, mask
 
 def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None,
@@ -288,10 +288,9 @@ class RingExchange:
     def wait(self):
         for request in self.requests:
             request.wait()
-        received, self.sending, self.receiving = self.receiving, None, None  # sent: freed
+        received = self.receiving
+        self.sending = self.receiving = self.requests = None  # frees the sent block at once
         return received
-
-_KV_TAG, _KV_GRAD_TAG = 0, 1  # gloo message tags of the two exchanges that can be in flight
 
 class _RingAttention(torch.autograd.Function):
     """Forward: K/V blocks go around the ring once. Backward: again, each with the fp32 accumulator
@@ -305,7 +304,7 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)
         q_heads, out_heads = _heads(q, out)
         q_doc = None if doc_ids is None else doc_ids[:, -Tq:]  # the queries are the last keys
-        block, exchange = [k, v, doc_ids], RingExchange(group, rank, world_size, _KV_TAG)
+        block, exchange = [k, v, doc_ids], RingExchange(group, rank, world_size, tag=0)
         for step in range(world_size):
             if step + 1 < world_size:
                 exchange.start(block)
@@ -332,8 +331,8 @@ class _RingAttention(torch.autograd.Function):
         dq = _zeros32(q)
         dout_heads, q_heads, out_heads, dq_heads = _heads(dout.to(q.dtype), q, out, dq)
         q_doc, block = None if doc_ids is None else doc_ids[:, -Tq:], [k, v, doc_ids]
-        kv_exchange = RingExchange(group, rank, world_size, _KV_TAG)
-        grad_exchange = RingExchange(group, rank, world_size, _KV_GRAD_TAG)
+        kv_exchange = RingExchange(group, rank, world_size, tag=0)
+        grad_exchange = RingExchange(group, rank, world_size, tag=1)  # in flight at the same time
         for step in range(world_size):
             if step + 1 < world_size:
                 kv_exchange.start(block)
