@@ -62,9 +62,10 @@ def _finite_or_zero(lse):  # -inf -> 0, so that exp(-inf - lse) is 0 rather than
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-# `causal` here is only ever used for square diagonal blocks (Tq == Tk, same positions), where
-# the top-left aligned mask of PyTorch's kernels and the bottom-right one agree. `mask` is an
-# optional (B, Tq, Tk) bool document mask. A query row that sees no key gets out 0, lse -inf.
+# One block: q (B, H, Tq, D) against k/v (B, KV, Tk, D), head-major. `causal` is only ever used
+# for square diagonal blocks (same positions), where PyTorch's top-left aligned causal mask and the
+# bottom-right one agree; `mask` is an optional (B, Tq, Tk) bool document mask. A query row that
+# sees no key gets out 0 and lse -inf.
 
 def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     """(out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32): PyTorch's fused kernel on CPU and
