@@ -1,19 +1,15 @@
-"""Data for both training stages, in the order it runs.
+"""Data for both training stages, in the order it runs: tokenizer, files -> documents -> one token
+file, length-based sampling, packing with separators (stage 1); chat formatting and packing (stage
+2); the loader that cuts batches for data- and context-parallel ranks.
 
-Stage 1 (continued pretraining) turns a corpus into windows of exactly `ctx` tokens:
-
-    tok = load_tokenizer(model_dir)                   # None: the built-in byte-level tokenizer
-    tf = build_token_file(paths, tok, cache_dir)      # files -> documents -> one uint32 token file
-    order = sample_by_length(tf, budget_tokens=10**9, seed=0)   # per domain, by document length
-    ds = PackedDataset(tf, order, ctx=2**20, sep_ids=separator_ids(tok, "<s>"))
+    tok = load_tokenizer(model_dir)                            # None: the built-in byte-level one
+    order = sample_by_length(build_token_file(paths, tok, cache_dir), budget_tokens=10**9, seed=0)
+    ds = PackedDataset(token_file, order, ctx=2**20, sep_ids=separator_ids(tok, "<s>"))
+    ds = ChatDataset([("sharegpt.jsonl", 1.0), ("math.jsonl", 0.5)], tok, max_len=8192)  # stage 2
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 
-Stage 2 (instruction tuning) packs chat conversations with a loss mask:
-
-    ds = ChatDataset([("sharegpt.jsonl", 1.0), ("math.jsonl", 0.5)], tok, max_len=8192)
-
-Every item and batch is {"tokens", "labels", "positions", "doc_ids"}: int64, (ctx,) per item and
-(batch_size, ctx // cp_size) per batch. A user's mistake raises rope.UserError naming file and line.
+An item is {"tokens", "labels", "positions", "doc_ids"}, int64 (ctx,); a batch stacks them, cut to
+(batch_size, ctx // cp_size). A bad input raises rope.UserError naming the file and line.
 """
 
 import array
@@ -23,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import sysconfig
@@ -36,31 +33,24 @@ from attention import zigzag_ranges
 from model import atomic_write
 from rope import UserError
 
-# Length-based sampling (the paper, section 3.1: documents shorter than 4K tokens are down-sampled,
-# longer than 8K up-sampled). The paper does not publish its rates: 0.5 and 2 are this project's.
-SHORT_DOC, LONG_DOC = 4096, 8192
-DOWN_RATE, UP_RATE = 0.5, 2.0
-# Tokenization batches of a few MB keep every core busy in the encoder and memory bounded.
-BATCH_CHARS, BATCH_DOCS = 8_000_000, 4096
+# Length-based sampling: the paper down-samples documents shorter than 4K tokens and up-samples
+# those longer than 8K. It does not publish its rates: 0.5 and 2 are this project's.
+SHORT_DOC, LONG_DOC, DOWN_RATE, UP_RATE = 4096, 8192, 0.5, 2.0
+BATCH_CHARS, BATCH_DOCS = 8_000_000, 4096  # a tokenizer batch: every core busy, memory bounded
 BAD_EXAMPLES = 5  # bad records quoted in the log when skip_bad skips them
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy default)
 BATCH_KEYS = ("tokens", "labels", "positions", "doc_ids")
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
+# --- Tokenizer ------------------------------------------------------------------------------------
 
 # Llama 3's 256 special tokens, numbered 256..511 by the built-in tokenizer.
-LLAMA3_NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                               "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
-                               "<|finetune_right_pad_id|>", "<|python_tag|>"]
+LLAMA3_NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                               "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>"]
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>" for i in range(248)]
 BUILTIN_VOCAB_SIZE = 256 + len(LLAMA3_SPECIAL_TOKENS)  # 512: the model's `tiny` preset
-
-# Llama-3.1-8B-Instruct's chat template, as data: written into tokenizer_config.json on export.
-# format_chat below produces its tokens in Python (tests render it with transformers and compare).
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template.jinja"), encoding="utf-8") as f:
-    LLAMA31_CHAT_TEMPLATE = f.read()
+# Llama-3.1-8B-Instruct's chat template is data, written into tokenizer_config.json on export;
+# format_chat produces its tokens in Python (tests render it with transformers and compare).
+LLAMA31_CHAT_TEMPLATE = pathlib.Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
 
 
 def _builtin_backend():
@@ -72,8 +62,7 @@ def _builtin_backend():
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={char[b]: b for b in range(256)}, merges=[]))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                for t in LLAMA3_SPECIAL_TOKENS])
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
     return backend
 
 
@@ -84,13 +73,9 @@ def _sha256(text):
 _BUILTIN_IDENTITY = _sha256(_builtin_backend().to_str())
 
 
-def _first_id(backend, *names):
-    """The id of the first name the vocabulary has (a config may write a token as an AddedToken dict)."""
-    for name in names:
-        name = name.get("content") if isinstance(name, dict) else name
-        if name is not None and backend.token_to_id(name) is not None:
-            return backend.token_to_id(name)
-    return None
+def _write_json(path, obj):
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 class Tokenizer:
@@ -99,8 +84,8 @@ class Tokenizer:
     def __init__(self, backend, config, source_dir=None):
         backend.no_padding()  # a tokenizer.json's batch-inference settings would change lengths
         backend.no_truncation()
-        # Text is text: a document containing the characters "<|eot_id|>" does not produce the
-        # end-of-turn token (specials are placed by id, in format_chat and separator_ids).
+        # Text is text: "<|eot_id|>" typed in a document stays characters (format_chat and
+        # separator_ids place special tokens by id).
         backend.encode_special_tokens = True
         self._backend, self.config, self.source_dir = backend, dict(config), source_dir
         self.chat_template = config.get("chat_template")
@@ -109,28 +94,31 @@ class Tokenizer:
         # library there makes the CPU demo and the tests ~100x faster (tests check it is identical).
         self._bytes_are_ids = self.identity == _BUILTIN_IDENTITY
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+        def first_id(*names):  # a config may write a token as an AddedToken dict
+            ids = [backend.token_to_id(n.get("content") if isinstance(n, dict) else n) for n in names if n]
+            return next((i for i in ids if i is not None), None)
         bos, eos, pad = (config.get(k) for k in ("bos_token", "eos_token", "pad_token"))
-        self.bos_id = _first_id(backend, "<|begin_of_text|>", bos)
-        # eos ends a DOCUMENT (a separator of the ablation), not the chat turn that Llama-3.1-Instruct's
-        # config names eos_token; stop_ids holds both.
-        self.eos_id = _first_id(backend, "<|end_of_text|>", eos)
-        self.eot_id = _first_id(backend, "<|eot_id|>", eos)
-        self.pad_id = _first_id(backend, "<|finetune_right_pad_id|>", pad, "<|end_of_text|>", eos)
-        stops = [_first_id(backend, name) for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", eos)]
+        self.bos_id = first_id("<|begin_of_text|>", bos)
+        # eos ends a DOCUMENT (a separator of the ablation), not the chat turn that
+        # Llama-3.1-Instruct's config names eos_token; stop_ids holds both.
+        self.eos_id, self.eot_id = first_id("<|end_of_text|>", eos), first_id("<|eot_id|>", eos)
+        self.pad_id = first_id("<|finetune_right_pad_id|>", pad, "<|end_of_text|>", eos)
+        stops = [first_id(name) for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", eos)]
         self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
 
     def encode(self, text):
-        """Plain text to ids: no bos added."""
+        """Plain text to ids, no bos added."""
         if self._bytes_are_ids:
             return list(text.encode("utf-8"))
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_flat(self, texts):
-        """A batch (on all cores) as one uint32 array plus per-text lengths: what a token file stores."""
+        """A batch (on all cores) as one uint32 array and per-text lengths: what a token file stores."""
         if self._bytes_are_ids:
             encoded = [t.encode("utf-8") for t in texts]
-            return (np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint32),
-                    np.array([len(b) for b in encoded], dtype=np.int64))
+            flat = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint32)
+            return flat, np.array([len(b) for b in encoded], dtype=np.int64)
         flat, lengths = array.array("I"), []  # array.array takes a list of ints ~3x faster than numpy
         for encoding in self._backend.encode_batch_fast(list(texts), add_special_tokens=False):
             flat.extend(encoding.ids)
@@ -138,76 +126,62 @@ class Tokenizer:
         return np.frombuffer(flat, dtype=np.uint32), np.array(lengths, dtype=np.int64)
 
     def encode_split(self, texts_and_cuts):
-        """(text, cut) pairs -> (ids, n): the text is encoded whole, and its first n ids hold
+        """(text, cut) pairs -> (ids, n): each text is encoded whole, and its first n ids hold
         text[:cut] (a token that straddles the cut counts as the head)."""
         if self._bytes_are_ids:
             return [(list(t.encode("utf-8")), len(t[:cut].encode("utf-8"))) for t, cut in texts_and_cuts]
         encodings = self._backend.encode_batch([t for t, _ in texts_and_cuts], add_special_tokens=False)
-        return [(e.ids, sum(start < cut for start, _ in e.offsets)) for e, (_, cut) in zip(encodings, texts_and_cuts)]
+        return [(e.ids, sum(a < cut for a, _ in e.offsets)) for e, (_, cut) in zip(encodings, texts_and_cuts)]
 
     def decode(self, ids):
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_id(self, name):
-        token = self._backend.token_to_id(name)
-        if token is None:
+        if self._backend.token_to_id(name) is None:
             raise UserError(f"token {name!r} is not in the tokenizer's vocabulary")
-        return token
+        return self._backend.token_to_id(name)
 
     def save(self, out_dir):
         """Writes tokenizer.json and tokenizer_config.json; load_tokenizer(out_dir) reads them back."""
         os.makedirs(out_dir, exist_ok=True)
         atomic_write(os.path.join(out_dir, "tokenizer.json"), self._backend.save)
-        config = {**self.config, "chat_template": self.chat_template} if self.chat_template else self.config
-
-        def write_config(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2, ensure_ascii=False)
-        atomic_write(os.path.join(out_dir, "tokenizer_config.json"), write_config)
+        template = {} if self.chat_template is None else {"chat_template": self.chat_template}
+        _write_json(os.path.join(out_dir, "tokenizer_config.json"), {**self.config, **template})
 
 
 def builtin_tokenizer():
     """The offline default: 256 byte ids then Llama 3's 256 special tokens (vocab_size 512)."""
-    return Tokenizer(_builtin_backend(), {
+    return Tokenizer(_builtin_backend(), {  # the config is shaped like Llama-3.1-8B-Instruct's
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA31_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
-        "tokenizer_class": "PreTrainedTokenizerFast"})  # shaped like Llama-3.1-8B-Instruct's
+        "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def load_tokenizer(model_dir):
     """Reads `model_dir/tokenizer.json` (+ tokenizer_config.json); None gives the built-in one."""
     if model_dir is None:
         return builtin_tokenizer()
-    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+    path, config_path, jinja_path = (pathlib.Path(model_dir, name) for name in
+                                     ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+    if not path.is_file():
         raise UserError(f"{model_dir} has no tokenizer.json, so no tokenizer can be loaded from it")
-    config, config_path = {}, os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one is the chat template
         template = {t.get("name"): t.get("template") for t in template}.get("default")
-    jinja_path = os.path.join(model_dir, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja_path):  # newer exports keep it in its own file
-        with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
-    config["chat_template"] = template
-    if template is None:
-        del config["chat_template"]
-    return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")), config, model_dir)
+    if template is None and jinja_path.is_file():  # newer exports keep it in its own file
+        template = jinja_path.read_text(encoding="utf-8")
+    config = {**config, **({} if template is None else {"chat_template": template})}
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), config, source_dir=model_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# Chat formatting: Llama 3.1's template in Python
-# ----------------------------------------------------------------------------------------------
+# --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 
 def _chat_pieces(tok, messages, add_generation_prompt):
-    """The template's output as pieces: (special_id, trainable) or (text, cut, trainable).
-
-    A text piece is everything between two special tokens: the real tokenizer encodes exactly these
-    spans on their own. In "\\n\\n" + content the first `cut` characters belong to the header; the
-    rest is trainable when the speaker is the assistant, and so is its <|eot_id|> (to learn to stop).
-    """
+    """The template's output as pieces: (special_id, trainable) or (text, cut, trainable). A text
+    piece is what lies between two special tokens, which the real tokenizer encodes on its own. In
+    "\\n\\n" + content the first `cut` characters are the header's; the rest is trainable when the
+    speaker is the assistant, and so is its <|eot_id|> (the model learns to stop)."""
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' is not a non-empty list")
     for j, m in enumerate(messages):
@@ -226,20 +200,16 @@ def _chat_pieces(tok, messages, add_generation_prompt):
     if tok.bos_id is None:
         raise UserError("the tokenizer has no <|begin_of_text|> token, which the Llama 3.1 chat format needs")
     start, end, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-    pieces = [(tok.bos_id, False)]
-    if "Cutting Knowledge Date" in template:
-        # Llama 3.1 (not 3) always opens with a system turn carrying its knowledge-cutoff preamble;
-        # a leading system message's text goes after it.
+    turns = [(m["role"], "\n\n" + m["content"].strip(), 2) for m in messages]  # Jinja's |trim is strip()
+    if "Cutting Knowledge Date" in template:  # Llama 3.1, not 3: a system turn with this preamble comes first
         date = re.search(r'set date_string = "([^"]+)"', template)
-        system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
-        messages = messages[1:] if messages[0]["role"] == "system" else messages
-        preamble = f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date.group(1) if date else '26 Jul 2024'}\n\n"
-        pieces += [(start, False), ("system", 0, False), (end, False), (preamble + system, 0, False), (eot, False)]
-    for m in messages:
-        trainable = m["role"] == "assistant"
-        # Jinja's |trim is Python's str.strip().
-        pieces += [(start, False), (m["role"], 0, False), (end, False),
-                   ("\n\n" + m["content"].strip(), 2, trainable), (eot, trainable)]
+        preamble = f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date[1] if date else '26 Jul 2024'}\n\n"
+        system = turns.pop(0)[1][2:] if messages[0]["role"] == "system" else ""
+        turns.insert(0, ("system", preamble + system, 0))
+    pieces = [(tok.bos_id, False)]
+    for role, text, cut in turns:
+        trainable = role == "assistant"
+        pieces += [(start, False), (role, 0, False), (end, False), (text, cut, trainable), (eot, trainable)]
     if add_generation_prompt:
         pieces += [(start, False), ("assistant", 0, False), (end, False), ("\n\n", 0, False)]
     return pieces
@@ -252,29 +222,21 @@ def _encode_pieces(tok, conversations):
     for pieces in conversations:
         tokens, mask = [], []
         for piece in pieces:
-            if len(piece) == 2:  # a special token
-                tokens.append(piece[0])
-                mask.append(piece[1])
-            else:
-                ids, n_head = next(encoded)
-                tokens += ids
-                mask += [False] * n_head + [piece[2]] * (len(ids) - n_head)
+            ids, n_head = ([piece[0]], 0) if len(piece) == 2 else next(encoded)  # a special token, or text
+            tokens += ids
+            mask += [False] * n_head + [piece[-1]] * (len(ids) - n_head)
         out.append((tokens, mask))
     return out
 
 
 def format_chat(tok, messages, add_generation_prompt=False):
     """Llama 3.1 chat formatting: (tokens, mask), mask True on the assistant's content + <|eot_id|>.
-
     The tokens of `apply_chat_template` with Llama 3.1's template (or Llama 3's: no system preamble),
-    with one deliberate difference: special-token strings typed inside a message stay plain text.
-    """
+    with one deliberate difference: special-token strings typed inside a message stay plain text."""
     return _encode_pieces(tok, [_chat_pieces(tok, messages, add_generation_prompt)])[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: files -> documents
-# ----------------------------------------------------------------------------------------------
+# --- Stage 1: files -> documents ------------------------------------------------------------------
 
 def builtin_corpus_files():
     """The built-in corpus: every .py file of this Python's standard library (no site-packages).
@@ -303,7 +265,7 @@ def _expand_inputs(paths):
 
 
 class _BadRecords:
-    """The one bad-record policy: raise, or with skip_bad count and keep a few examples for the log."""
+    """The one bad-record policy: raise, or with skip_bad count them and keep a few for the log."""
 
     def __init__(self, skip_bad):
         self.skip_bad, self.count, self.examples = skip_bad, 0, []
@@ -320,15 +282,14 @@ def _open(path):
 
 
 def read_jsonl(path, bad=None):
-    """Yields (line_number, record dict) for each JSON object line of a .jsonl (or .jsonl.gz) file.
-    The one JSONL reader: a bad line raises UserError naming the file and line, or with a `bad`
-    callable is handed to it and skipped."""
+    """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
+    JSONL reader. A bad line raises UserError naming file and line, or goes to `bad` and is skipped."""
     with _open(path) as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(line.decode("utf-8"))
                 problem = None if isinstance(record, dict) else "the record is not a JSON object"
             except UnicodeDecodeError as e:
                 problem = f"undecodable bytes (not UTF-8) at column {e.start + 1}"
@@ -342,54 +303,52 @@ def read_jsonl(path, bad=None):
                 bad(f"{path} line {n}: {problem}")
 
 
-def _documents(files, bad, builtin):
-    """Yields (text, domain) for every document, streaming: a JSONL line's `text` (domain: its
-    `domain`, or the file's name), or a whole plain-text file (domain: its directory's name)."""
-    for path in files:
-        if not path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            with _open(path) as f:
-                raw = f.read()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = raw[: e.start].count(b"\n") + 1
-                bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
-                continue
-            if builtin:  # two domains, so that per-domain sampling has something to do
-                parts = path.split(os.sep)
-                test = "test" in parts or "tests" in parts or os.path.basename(path).startswith("test_")
-                yield text, "stdlib-tests" if test else "stdlib"
-            else:
-                yield text, os.path.basename(os.path.dirname(os.path.abspath(path)))
-            continue
-        for n, record in read_jsonl(path, bad):
-            text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
-            if not isinstance(text, str):
-                what = "no 'text' field" if text is None else "a 'text' field that is not a string"
-                bad(f"{path} line {n}: the record has {what}")
-            elif not isinstance(domain, str):
-                bad(f"{path} line {n}: the record's 'domain' is not a string")
-            elif not _valid_unicode(text):  # JSON's "\ud800" escapes decode to unpaired surrogates
-                bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
-            else:
-                yield text, domain
-
-
-def _valid_unicode(text):
+def _text_problem(text, domain):
+    """What is wrong with a corpus record's `text` and `domain`, or None."""
+    if not isinstance(text, str):
+        return "the record has " + ("no 'text' field" if text is None else "a 'text' field that is not a string")
+    if not isinstance(domain, str):
+        return "the record's 'domain' is not a string"
     try:
         text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+    except UnicodeEncodeError:  # JSON's "\\ud800" escapes decode to unpaired surrogates
+        return "'text' holds an unpaired surrogate, which is not valid Unicode"
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: documents -> token file
-# ----------------------------------------------------------------------------------------------
+def _documents(files, bad, builtin):
+    """Yields (text, domain) for every document, streaming: each line of a JSONL file (.jsonl,
+    .jsonl.gz, .ndjson; domain: its `domain` or the file's name), or a whole other file (domain:
+    its directory's name; the built-in corpus has two, so that per-domain sampling has work to do)."""
+    for path in files:
+        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            for n, record in read_jsonl(path, bad):
+                text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
+                problem = _text_problem(text, domain)
+                if problem:
+                    bad(f"{path} line {n}: {problem}")
+                else:
+                    yield text, domain
+            continue
+        with _open(path) as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
+            continue
+        domain = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if builtin:
+            parts = path.split(os.sep)
+            domain = "stdlib-tests" if {"test", "tests"} & set(parts) or parts[-1].startswith("test_") else "stdlib"
+        yield text, domain
+
+
+# --- Stage 1: documents -> token file -------------------------------------------------------------
 
 class TokenFileWriter:
-    """Writes a token file: tokens.u32 (all ids, flat), lengths.npy and domains.npy (per document)
-    and meta.json, into a temporary directory renamed to `out_dir` by close(): whole or not at all."""
+    """Writes tokens.u32 (every id, flat), lengths.npy and domains.npy (per document) and meta.json
+    into a temporary directory that close() renames to `out_dir`: a token file is whole or absent."""
 
     def __init__(self, out_dir):
         self.out_dir, self.tmp_dir = out_dir, f"{out_dir}.tmp-{uuid.uuid4().hex}"
@@ -398,7 +357,7 @@ class TokenFileWriter:
         self.lengths, self.domains, self.domain_index = array.array("q"), array.array("i"), {}
 
     def add_many(self, flat_tokens, lengths, domains):
-        """Appends documents given as one flat array of ids, their lengths and their domain names."""
+        """Appends documents: one flat array of all their ids, their lengths and domain names."""
         flat_tokens.astype(np.uint32, copy=False).tofile(self.tokens)
         self.lengths.extend(int(n) for n in lengths)
         self.domains.extend(self.domain_index.setdefault(d, len(self.domain_index)) for d in domains)
@@ -410,19 +369,19 @@ class TokenFileWriter:
     def close(self, stats=None):
         self.tokens.close()
         lengths = np.frombuffer(self.lengths, dtype=np.int64)
-        keep = lengths > 0  # an empty document cannot be packed or sampled (offsets stay the same)
-        stats = {**(stats or {}), "empty_documents": (stats or {}).get("empty_documents", 0) + int((~keep).sum())}
+        keep = lengths > 0  # an empty document cannot be sampled; dropping it leaves the offsets alone
+        stats = {"empty_documents": 0, **(stats or {})}
+        stats["empty_documents"] += int((~keep).sum())
         if not keep.any():
             self.abort()
-            raise UserError(f"the corpus for {self.out_dir} holds no documents with any tokens ({stats})")
+            raise UserError(f"no document of {self.out_dir} has any tokens, so the corpus is empty ({stats})")
         np.save(os.path.join(self.tmp_dir, "lengths.npy"), lengths[keep])
         np.save(os.path.join(self.tmp_dir, "domains.npy"), np.frombuffer(self.domains, dtype=np.int32)[keep])
-        with open(os.path.join(self.tmp_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({"format": 2, "n_tokens": int(lengths.sum()), "stats": stats,
-                       "domain_names": sorted(self.domain_index, key=self.domain_index.get)}, f)
+        _write_json(os.path.join(self.tmp_dir, "meta.json"), {"format": 2, "n_tokens": int(lengths.sum()),
+                    "domain_names": sorted(self.domain_index, key=self.domain_index.get), "stats": stats})
         try:
             os.rename(self.tmp_dir, self.out_dir)
-        except OSError:  # another process finished the same file first: theirs is identical, keep it
+        except OSError:  # another process wrote the same token file first: keep theirs, it is identical
             if not os.path.isfile(os.path.join(self.out_dir, "meta.json")):
                 raise
             shutil.rmtree(self.tmp_dir)
@@ -434,8 +393,7 @@ class TokenFile:
 
     def __init__(self, path):
         self.path, self.tokens_path = path, os.path.join(path, "tokens.u32")
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
         self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
         self.tokens = np.memmap(self.tokens_path, dtype=np.uint32, mode="r", shape=(self.n_tokens,))
         self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
@@ -451,55 +409,49 @@ class TokenFile:
         return self.tokens[self.offsets[i] : self.offsets[i] + self.lengths[i]]
 
     def __repr__(self):
-        return f"TokenFile({self.path}: {self.n_docs} documents, {self.n_tokens} tokens)"
+        return f"{self.path} ({self.n_docs} documents, {self.n_tokens} tokens)"
 
 
 def _tokenize_into(writer, documents, tok):
-    """Streams (text, domain) pairs through the tokenizer in batches; returns the counts."""
-    counts = {"documents": 0, "empty_documents": 0}
-    texts, domains, chars = [], [], 0
+    """Streams (text, domain) pairs through the tokenizer in batches; returns how many were empty."""
+    texts, domains, chars, empty = [], [], 0, 0
     for text, domain in documents:
-        counts["documents" if text else "empty_documents"] += 1
-        if text:
-            texts.append(text)
-            domains.append(domain)
-            chars += len(text)
+        if not text:
+            empty += 1
+            continue
+        texts.append(text)
+        domains.append(domain)
+        chars += len(text)
         if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
             writer.add_many(*tok.encode_flat(texts), domains)
             texts, domains, chars = [], [], 0
     if texts:
         writer.add_many(*tok.encode_flat(texts), domains)
-    return counts
+    return empty
 
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run.
 
-    paths: files, directories and globs; JSONL files (.jsonl, .jsonl.gz, .ndjson) hold one document
-    per line in a `text` field, every other file is one document. None: the built-in corpus (the
-    standard library's sources; its few non-UTF-8 files are skipped and counted). The cache key
-    covers the files' paths, sizes and mtimes and the tokenizer, so a changed input rebuilds.
-    """
+    paths: files, directories and globs (see _documents); None: the built-in corpus, whose few
+    non-UTF-8 files are skipped and counted. The cache key covers the files' paths, sizes and
+    mtimes and the tokenizer, so a changed input rebuilds."""
     builtin = paths is None
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
     if not files:
         raise UserError(f"the inputs {paths} contain no files, so the corpus is empty")
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
-    key = _sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]))[:20]
-    out_dir = os.path.join(cache_dir, f"tokens-{key}")
+    out_dir = os.path.join(cache_dir, "tokens-" + _sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]))[:20])
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if log:
             log(f"reusing {TokenFile(out_dir)}")
         return TokenFile(out_dir)
     os.makedirs(cache_dir, exist_ok=True)
-    bad = _BadRecords(skip_bad or builtin)
-    writer = TokenFileWriter(out_dir)
+    bad, writer = _BadRecords(skip_bad or builtin), TokenFileWriter(out_dir)
     try:
-        stats = _tokenize_into(writer, _documents(files, bad, builtin), tok)
-        stats.update(files=len(files), bad_skipped=bad.count, bad_examples=bad.examples)
-        if stats["documents"] == 0:
-            raise UserError(f"the inputs {paths} hold no documents with text, so the corpus is empty ({stats})")
-        token_file = writer.close(stats)
+        empty = _tokenize_into(writer, _documents(files, bad, builtin), tok)
+        token_file = writer.close({"files": len(files), "empty_documents": empty, "bad_skipped": bad.count,
+                                   "bad_examples": bad.examples})
     except BaseException:
         writer.abort()
         raise
@@ -511,19 +463,16 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     return token_file
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: length-based sampling
-# ----------------------------------------------------------------------------------------------
+# --- Stage 1: length-based sampling ---------------------------------------------------------------
 
 def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG_DOC,
                      down_rate=DOWN_RATE, up_rate=UP_RATE, log=print):
-    """Samples documents per domain by length until `budget_tokens`, as the paper does.
+    """Samples documents per domain by length until `budget_tokens`: document indices (int64), in order.
 
     A document's expected number of copies is proportional to its rate: `down_rate` below `short`
     tokens, `up_rate` above `long`, 1 in between. Every domain keeps its share of the corpus's
-    tokens; within a domain the copies are drawn with a seeded generator and cut where its share is
-    reached; the domains are then shuffled together and cut at the budget, so the total is the
-    budget plus less than one document. Returns document indices (int64) in sampled order.
+    tokens: its copies are drawn (seeded) and cut at its share; the domains are then shuffled
+    together and cut at the budget, so the total is the budget plus less than one document.
     """
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
@@ -531,24 +480,23 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
         raise UserError(f"the length thresholds must satisfy 0 < short <= long, not short={short}, long={long}")
     if down_rate < 0 or up_rate < 0:
         raise UserError(f"the sampling rates must be non-negative, not down_rate={down_rate}, up_rate={up_rate}")
-    lengths, domains = token_file.lengths, token_file.domains
+    lengths, domains, n_domains = token_file.lengths, token_file.domains, len(token_file.domain_names)
     rate = np.where(lengths < short, down_rate, np.where(lengths > long, up_rate, 1.0))
-    rng = np.random.default_rng(seed)
-    # Domain shares follow the original token counts, among the domains that can contribute at all.
-    n_domains = len(token_file.domain_names)
     domain_tokens = np.bincount(domains, weights=lengths, minlength=n_domains)
     can_sample = np.bincount(domains, weights=rate * lengths, minlength=n_domains) > 0
     if not can_sample.any():
         raise UserError("every document has sampling rate 0, so nothing can be sampled")
+    shares = domain_tokens / domain_tokens[can_sample].sum()  # among the domains that can contribute
+    rng = np.random.default_rng(seed)
     picked = []
     for d in np.flatnonzero(can_sample):
         docs = np.flatnonzero(domains == d)
-        domain_budget = budget_tokens * domain_tokens[d] / domain_tokens[can_sample].sum()
+        domain_budget = budget_tokens * shares[d]
         expected = rate[docs] * domain_budget / (rate[docs] * lengths[docs]).sum()
         # Integer copies with the expected count: floor plus a coin flip for the fraction.
         chosen = np.repeat(docs, np.floor(expected).astype(np.int64) + (rng.random(len(docs)) < expected % 1))
         rng.shuffle(chosen)
-        while lengths[chosen].sum() < domain_budget:  # the coin flips fell short: draw by rate
+        while lengths[chosen].sum() < domain_budget:  # the coin flips fell short: draw more by rate
             extra = rng.choice(docs, size=max(16, len(docs) // 16), p=rate[docs] / rate[docs].sum())
             chosen = np.concatenate([chosen, extra])
         picked.append(chosen[: np.searchsorted(np.cumsum(lengths[chosen]), domain_budget) + 1])
@@ -556,36 +504,29 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
     rng.shuffle(order)
     order = order[: np.searchsorted(np.cumsum(lengths[order]), budget_tokens) + 1]
     if log:
-        log(_length_histogram(lengths, lengths[order], short, long, budget_tokens))
+        log(_length_table(lengths, lengths[order], short, long, budget_tokens))
     return order
 
 
-def _length_histogram(before, after, short, long, budget_tokens):
-    """A text table of token shares by document length, before and after sampling."""
-    lowest = max(1, short // 8)
-    edges = [0] + [lowest * 2**k for k in range(64) if lowest * 2**k <= max(before.max(), long)]
-    edges = sorted(set(edges + [short, long])) + [np.inf]
-    lines = [f"length-based sampling: {len(before)} documents, {before.sum():,} tokens -> "
-             f"{len(after)} documents, {after.sum():,} tokens (budget {budget_tokens:,})",
-             f"  {'':>24}  {'before':<35}  {'after':<35}",
-             f"  {'doc length (tokens)':>24}  {'docs':>7} {'tokens':>6} {'':20}  {'docs':>7} {'tokens':>6}"]
-    for low, high in zip(edges[:-1], edges[1:]):
-        line = f"  {f'[{int(low)}, ' + ('inf' if high == np.inf else str(int(high))) + ')':>24}"
+def _length_table(before, after, short, long, budget_tokens):
+    """Documents and token shares by length, before and after sampling: what the sampling did."""
+    lines = [f"length-based sampling: {len(before)} documents, {before.sum():,} tokens -> {len(after)} "
+             f"documents, {after.sum():,} tokens (budget {budget_tokens:,})",
+             f"  {'doc length (tokens)':>20}  {'before: docs':>12} {'tokens':>6}  {'after: docs':>12} {'tokens':>6}"]
+    for name, low, high in [(f"< {short}", 0, short), (f"{short}-{long}", short, long + 1), (f"> {long}", long + 1, 1e30)]:
+        line = f"  {name:>20}"
         for lengths in (before, after):
             inside = (lengths >= low) & (lengths < high)
-            share = lengths[inside].sum() / lengths.sum()
-            line += f"  {inside.sum():>7} {share:6.1%} {'#' * round(share * 20):<20}"
-        lines.append(line + (" down" if high <= short else " up" if low >= long else ""))
+            line += f"  {inside.sum():>12} {lengths[inside].sum() / lengths.sum():6.1%}"
+        lines.append(line)
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: packing with separators
-# ----------------------------------------------------------------------------------------------
+# --- Stage 1: packing with separators -------------------------------------------------------------
 
 def separator_ids(tok, separator="<s>"):
-    """The ids that follow every document: the paper's "<s>" (the plain text, tokenized as text),
-    the tokenizer's bos or eos token, or nothing (the ablation without a separator)."""
+    """The ids that follow every document: the paper's "<s>" (plain text, tokenized as text), the
+    tokenizer's bos or eos token, or nothing (the ablation without a separator)."""
     ids = {"<s>": tok.encode("<s>"), "bos": [tok.bos_id], "eos": [tok.eos_id], "none": []}
     if separator not in ids:
         raise UserError(f"unknown separator {separator!r}; expected one of {', '.join(ids)}")
@@ -610,14 +551,13 @@ def _pread(f, out, first_token):
 
 
 class PackedDataset:
-    """Sequence i = stream[i*ctx : i*ctx + ctx + 1], where the stream is the sampled documents, each
+    """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
     followed by the separator. A document longer than what is left continues in the next sequence;
     consecutive sequences share one token (the last label of i is the first input of i+1), so every
     stream token but the first is a label exactly once. The last, partial sequence is padded
     (pad_id, labels -100, doc_ids -1) unless drop_last. A read holds only that sequence in memory.
-
-    doc_ids: the index in `doc_order` (its separator belongs to it), for the masked ablation.
-    positions: 0..ctx-1, or with doc_mask the offset since the document (or the sequence) began.
+    doc_ids: the index in `doc_order` (the separator belongs to its document). positions: 0..ctx-1,
+    or with doc_mask the offset since the document (or the sequence) began.
     """
 
     def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False):
@@ -625,7 +565,6 @@ class PackedDataset:
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
         if ctx <= len(self.sep):
             raise UserError(f"the window ctx={ctx} must be longer than the separator ({len(self.sep)} tokens)")
-        doc_order = np.asarray(doc_order, dtype=np.int64)  # (n,) indices into token_file
         if len(doc_order) == 0:
             raise UserError("the document order is empty, so there is nothing to pack")
         self.doc_offsets = token_file.offsets[doc_order]  # (n,) where each one's tokens are in the file
@@ -650,86 +589,74 @@ class PackedDataset:
 
     def _buffer(self, name, size, dtype):
         """Buffers kept across reads: allocating and faulting in 16-32 MB afresh for every
-        4M-token read would cost more than filling them."""
+        4M-token read would cost more than filling them. Filled with 0, 1, 2, ... (positions)."""
         if name not in self._buffers or len(self._buffers[name]) < size:
-            self._buffers[name] = np.arange(size, dtype=dtype)  # "count_up" needs 0, 1, 2, ...
+            self._buffers[name] = np.arange(size, dtype=dtype)
         return self._buffers[name][:size]
 
     def read(self, i, start, stop, out=None):
-        """Positions [start, stop) of sequence i (what one context-parallel chunk needs). out:
-        optional dict of four (stop - start,) int64 tensors to fill in place; the loader passes rows
-        of its batch, so a multi-million-token sequence is written once, not copied."""
+        """Positions [start, stop) of sequence i (what one context-parallel chunk needs). out: four
+        (stop - start,) int64 tensors to fill in place; the loader passes rows of its batch, so a
+        multi-million-token sequence is written once, not copied."""
         if not 0 <= i < self.n_sequences:
             raise IndexError(f"sequence {i} is out of range for {self.n_sequences} sequences")
-        n, first, sequence_start = stop - start, i * self.ctx + start, i * self.ctx
+        n, first = stop - start, i * self.ctx + start  # first: the stream position of tokens[0]
         out = _empty_batch(n) if out is None else out
         tokens, labels, positions, doc_ids = (out[key].numpy() for key in BATCH_KEYS)  # (n,) each
         raw = self._buffer("raw", n + 1, np.uint32)  # (n+1,) stream tokens; raw[1:] are the labels
         count_up = self._buffer("count_up", self.ctx + 1, np.int64)
         have = max(0, min(n + 1, self.stream_len - first))  # the rest is past the stream's end
-        k = int(np.searchsorted(self.doc_starts, first, side="right")) - 1
-        filled = 0
+        k, filled = int(np.searchsorted(self.doc_starts, first, side="right")) - 1, 0
         with open(self.token_file.tokens_path, "rb", buffering=0) as f:
-            while filled < have:  # document k's tokens, then its separator, until `have`
+            while filled < have:  # document k's tokens, then its separator
                 at, body_end = first + filled, int(self.doc_starts[k] + self.doc_lengths[k])
                 take = min(int(self.doc_starts[k + 1]), first + have) - at
-                from_body = max(0, min(body_end - at, take))
-                _pread(f, raw[filled : filled + from_body], int(self.doc_offsets[k]) + at - int(self.doc_starts[k]))
+                body = max(0, min(body_end - at, take))
+                _pread(f, raw[filled : filled + body], int(self.doc_offsets[k] + at - self.doc_starts[k]))
                 sep_at = max(0, at - body_end)
-                raw[filled + from_body : filled + take] = self.sep[sep_at : sep_at + take - from_body]
+                raw[filled + body : filled + take] = self.sep[sep_at : sep_at + take - body]
                 end = min(filled + take, n)  # raw[n] is a label only
                 doc_ids[filled:end] = k
                 if self.doc_mask:  # positions restart at the document's start, or the sequence's
-                    since = at - max(int(self.doc_starts[k]), sequence_start)
+                    since = at - max(int(self.doc_starts[k]), i * self.ctx)
                     positions[filled:end] = count_up[since : since + end - filled]
                 filled, k = filled + take, k + 1
         real = min(have, n)  # inputs that come from the stream
         tokens[:real], tokens[real:] = raw[:real], self.pad_id
         labels[: max(have - 1, 0)], labels[max(have - 1, 0) :] = raw[1:have], IGNORE_INDEX
         doc_ids[real:] = -1
-        if self.doc_mask:
-            positions[real:] = count_up[: n - real]
-        else:
-            positions[:] = count_up[start:stop]
+        positions[real if self.doc_mask else 0 :] = count_up[: n - real] if self.doc_mask else count_up[start:stop]
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2: chat data
-# ----------------------------------------------------------------------------------------------
-
-def _completion_pieces(tok, record):
-    """A plain {"prompt", "completion"} record, no chat template: <|begin_of_text|> prompt
-    completion <|end_of_text|>, trained on the completion and the end token; with the optional
-    "train_eos": false, on the completion alone (the end token is still there, as context). Prompt
-    and completion are encoded separately, as generation sees them (the prompt's tokens, then new ones)."""
-    prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
-    if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-        raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
-    if not isinstance(train_eos, bool):
-        raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
-    if tok.bos_id is None or tok.eos_id is None:
-        raise UserError("prompt/completion records need a tokenizer with <|begin_of_text|> and <|end_of_text|>")
-    return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, train_eos)]
-
+# --- Stage 2: chat data ---------------------------------------------------------------------------
 
 def _record_pieces(tok, record):
-    """A record: a list of messages, {"messages": [...]} or {"prompt", "completion"} -> pieces."""
-    if isinstance(record, dict) and "messages" in record:
-        record = record["messages"]
-    elif isinstance(record, dict) and ("prompt" in record or "completion" in record):
-        return _completion_pieces(tok, record)
-    elif isinstance(record, dict):
+    """A record -> template pieces: a list of messages or {"messages": [...]}; or a plain {"prompt",
+    "completion"}, no template: <|begin_of_text|> prompt completion <|end_of_text|>, trained on the
+    completion and the end token (with "train_eos": false on the completion alone). The two are
+    encoded apart, as generation sees them: the prompt's tokens, then new ones."""
+    if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
+        prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
+        if not isinstance(train_eos, bool):
+            raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
+        if tok.bos_id is None or tok.eos_id is None:
+            raise UserError("prompt/completion records need a tokenizer with <|begin_of_text|> and <|end_of_text|>")
+        return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, train_eos)]
+    if isinstance(record, dict) and "messages" not in record:
         raise UserError("the record has neither 'messages' nor 'prompt' and 'completion'")
-    pieces = _chat_pieces(tok, record, add_generation_prompt=False)
-    if not any(m["role"] == "assistant" for m in record):
+    messages = record["messages"] if isinstance(record, dict) else record
+    pieces = _chat_pieces(tok, messages, add_generation_prompt=False)
+    if not any(m["role"] == "assistant" for m in messages):
         raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
     return pieces
 
 
-def _chat_records(sources, tok, bad):
-    """Every source's records as pieces, and which source each came from. A source is a JSONL path
-    or glob, or an in-memory list of records."""
+def _read_chat(sources, tok, bad):
+    """Every source's records as pieces, and the source of each. A source is a JSONL path or glob,
+    or an in-memory list of records."""
     pieces, source_of = [], []
     for s, (source, weight) in enumerate(sources):
         if not (weight >= 0 and math.isfinite(weight)):
@@ -748,8 +675,8 @@ def _chat_records(sources, tok, bad):
 
 
 def _blend(weights, source_of, usable, seed):
-    """A weight is a multiplier: floor(w) copies of every usable conversation of the source, plus a
-    seeded fraction of them; then all shuffled. Returns the conversation of every occurrence."""
+    """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
+    usable conversation of the source, plus a seeded fraction of them."""
     rng = np.random.default_rng(seed)
     blend = []
     for s, weight in enumerate(weights):
@@ -763,24 +690,31 @@ def _blend(weights, source_of, usable, seed):
     return blend
 
 
-class ChatDataset:
-    """Chat conversations, blended by weight, formatted with Llama 3.1's template and packed.
+def _next_fit(lengths, max_len):
+    """Row bounds of packing in order: a conversation that does not fit starts the next row."""
+    bounds, used = [0], 0
+    for j, length in enumerate(lengths):
+        if used + length > max_len:
+            bounds.append(j)
+            used = 0
+        used += length
+    return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
-    sources: [(source, weight), ...]; a source is a JSONL path or glob, or an in-memory list, of
-    records: {"messages": [{"role", "content"}, ...]}, or a plain {"prompt", "completion"} (no
-    template: trained on the completion and <|end_of_text|>, or on the completion alone with
-    "train_eos": false). Conversations are shuffled (seeded) and packed in order into rows of at
-    most max_len tokens (one that does not fit starts the next row; rows are padded). Labels are
-    -100 except on what format_chat masks True. A conversation longer than max_len is truncated
-    (truncate=True) or skipped, and counted either way; a bad record (malformed JSON, an unknown
-    role, no assistant turn) raises UserError naming file and line, or with skip_bad is counted.
+
+class ChatDataset:
+    """Chat records, blended by weight, formatted as format_chat does and packed into padded rows.
+
+    sources: [(source, weight), ...] (see _read_chat, _record_pieces, _blend). Occurrences are
+    packed in their shuffled order into rows of at most max_len tokens. Labels are -100 except on
+    what format_chat masks True. A conversation longer than max_len is truncated (truncate=True)
+    or skipped, and counted either way; a bad record (malformed JSON, an unknown role, no assistant
+    turn) raises UserError naming file and line, or with skip_bad is counted. `stats`: the counts.
     """
 
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, truncate=True, doc_mask=False, log=print):
-        self.ctx, self.doc_mask = max_len, doc_mask
-        self.pad_id = tok.pad_id if tok.pad_id is not None else 0
+        self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad = _BadRecords(skip_bad)
-        pieces, source_of = _chat_records(sources, tok, bad)
+        pieces, source_of = _read_chat(sources, tok, bad)
         if not pieces:
             raise UserError(f"the chat sources hold no usable conversations ({bad.count} bad records skipped)")
         encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
@@ -792,17 +726,9 @@ class ChatDataset:
                             f"max_len={max_len}" + (" before the assistant's first token" if truncate else ""))
         self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
         self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
-        self.conv_offsets = np.cumsum(lengths) - lengths
-        self.conv_lengths = np.minimum(lengths, max_len)
+        self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
         self.blend = _blend([w for _, w in sources], source_of, usable, seed)  # (m,) conversation per occurrence
-        # Next-fit packing keeps the shuffled order: row r is occurrences row_bounds[r]:row_bounds[r+1].
-        bounds, used = [0], 0
-        for j, length in enumerate(self.conv_lengths[self.blend]):
-            if used + length > max_len:
-                bounds.append(j)
-                used = 0
-            used += length
-        self.row_bounds = np.asarray(bounds + [len(self.blend)], dtype=np.int64)
+        self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)  # row r: occurrences [r]:[r+1]
         self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "bad_examples": bad.examples,
                       "truncated": int((too_long & usable).sum()) if truncate else 0,
                       "too_long_skipped": int((too_long & ~usable).sum()), "blended": len(self.blend),
@@ -826,32 +752,26 @@ class ChatDataset:
             raise IndexError(f"row {i} is out of range for {len(self)} rows")
         tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
         trainable = np.zeros(self.ctx + 1, dtype=bool)  # (ctx+1,) one spare: the last label is -100
-        doc_ids = np.full(self.ctx, -1, dtype=np.int64)
-        positions = np.arange(self.ctx, dtype=np.int64)
+        doc_ids, positions = np.full(self.ctx, -1, dtype=np.int64), np.arange(self.ctx, dtype=np.int64)
         at = 0
         for occurrence in range(self.row_bounds[i], self.row_bounds[i + 1]):
             offset, length = self.conv_offsets[self.blend[occurrence]], self.conv_lengths[self.blend[occurrence]]
             tokens[at : at + length] = self.tokens[offset : offset + length]
             trainable[at : at + length] = self.mask[offset : offset + length]
             doc_ids[at : at + length] = occurrence
-            if self.doc_mask:
-                positions[at : at + length] = np.arange(length)
+            positions[at : at + length] = np.arange(length) if self.doc_mask else positions[at : at + length]
             at += length
-        if self.doc_mask:
-            positions[at:] = np.arange(self.ctx - at)
+        positions[at:] = np.arange(self.ctx - at) if self.doc_mask else positions[at:]
         # labels[j] is tokens[j+1] when that token is trainable. A conversation's first token
         # (<|begin_of_text|>) never is, so no label crosses from one conversation to the next.
         labels = np.where(trainable[1:], np.append(tokens[1:], self.pad_id), IGNORE_INDEX)
-        row = {"tokens": tokens, "labels": labels, "positions": positions, "doc_ids": doc_ids}
         out = _empty_batch(stop - start) if out is None else out
-        for key in BATCH_KEYS:
-            out[key].numpy()[:] = row[key][start:stop]
+        for key, row in zip(BATCH_KEYS, (tokens, labels, positions, doc_ids)):
+            out[key].numpy()[:] = row[start:stop]
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Loader
-# ----------------------------------------------------------------------------------------------
+# --- Loader ---------------------------------------------------------------------------------------
 
 class Loader:
     """Batches for one (data-parallel, context-parallel) rank, deterministic given the seed.
@@ -859,9 +779,9 @@ class Loader:
     Every step takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by
     seed and epoch); data-parallel rank r gets the r-th run of batch_size. Each sequence is cut to
     the context-parallel rank's zigzag chunks (attention.zigzag_ranges), reading only those. Without
-    drop_last, the last step of an epoch is filled with the epoch's first sequences, so every rank
-    takes the same number of steps and together they see every sequence. Iterates epoch after
-    epoch (or `epochs` of them). state_dict() after a batch resumes exactly at the next one.
+    drop_last, an epoch's last step is filled with its first sequences, so every rank takes the same
+    number of steps and together they see every sequence. Iterates epoch after epoch (or `epochs`).
+    state_dict() after a batch resumes exactly at the next one.
     """
 
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0,
@@ -873,8 +793,7 @@ class Loader:
         self.dataset, self.batch_size, self.dp_rank, self.seed = dataset, batch_size, dp_rank, seed
         self.ranges = zigzag_ranges(dataset.ctx, cp_rank, cp_size) if cp_size > 1 else [(0, dataset.ctx)]
         self.shuffle, self.drop_last, self.epochs = shuffle, drop_last, epochs
-        self.global_batch = batch_size * dp_size
-        n = len(dataset)
+        self.global_batch, n = batch_size * dp_size, len(dataset)
         self.steps_per_epoch = n // self.global_batch if drop_last else -(-n // self.global_batch)
         if self.steps_per_epoch == 0:
             raise UserError(f"{n} sequences do not fill one global batch of {self.global_batch} with drop_last")
@@ -887,30 +806,26 @@ class Loader:
         return np.resize(order, self.steps_per_epoch * self.global_batch)  # resize repeats from the start
 
     def __iter__(self):
-        order_epoch, order = None, None
         while self.epochs is None or self.epoch < self.epochs:
-            if self.step >= self.steps_per_epoch:
-                self.epoch, self.step = self.epoch + 1, 0
-                continue
-            if order_epoch != self.epoch:
-                order_epoch, order = self.epoch, self.epoch_order(self.epoch)
-            first = self.step * self.global_batch + self.dp_rank * self.batch_size
-            batch = _empty_batch(self.batch_size, sum(b - a for a, b in self.ranges))
-            for row, index in enumerate(order[first : first + self.batch_size]):
-                at = 0
-                for a, b in self.ranges:  # the dataset writes straight into the batch's row
-                    self.dataset.read(int(index), a, b, out={k: batch[k][row, at : at + b - a] for k in BATCH_KEYS})
-                    at += b - a
-            self.step += 1  # before yielding: a state_dict() taken after this batch resumes after it
-            yield batch
+            order = self.epoch_order(self.epoch)
+            while self.step < self.steps_per_epoch:
+                first = self.step * self.global_batch + self.dp_rank * self.batch_size
+                batch = _empty_batch(self.batch_size, sum(b - a for a, b in self.ranges))
+                for row, index in enumerate(order[first : first + self.batch_size]):
+                    at = 0
+                    for a, b in self.ranges:  # the dataset writes straight into the batch's row
+                        self.dataset.read(int(index), a, b, {k: batch[k][row, at : at + b - a] for k in BATCH_KEYS})
+                        at += b - a
+                self.step += 1  # before yielding: a state_dict() taken now resumes after this batch
+                yield batch
+            self.epoch, self.step = self.epoch + 1, 0
 
     def state_dict(self):
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_sequences": len(self.dataset),
                 "global_batch": self.global_batch, "shuffle": self.shuffle, "drop_last": self.drop_last}
 
     def load_state_dict(self, state):
-        for key in ("seed", "num_sequences", "global_batch", "shuffle", "drop_last"):
-            if state[key] != self.state_dict()[key]:
-                raise UserError(f"cannot resume: the saved loader has {key}={state[key]} "
-                                f"but this one has {self.state_dict()[key]}")
+        for key, mine in self.state_dict().items():
+            if key not in ("epoch", "step") and state[key] != mine:
+                raise UserError(f"cannot resume: the saved loader has {key}={state[key]} but this one has {mine}")
         self.epoch, self.step = state["epoch"], state["step"]
