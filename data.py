@@ -62,7 +62,8 @@ def _builtin_backend():
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={char[b]: b for b in range(256)}, merges=[]))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in LLAMA3_SPECIAL_TOKENS])
     return backend
 
 
@@ -303,18 +304,6 @@ def read_jsonl(path, bad=None):
                 bad(f"{path} line {n}: {problem}")
 
 
-def _text_problem(text, domain):
-    """What is wrong with a corpus record's `text` and `domain`, or None."""
-    if not isinstance(text, str):
-        return "the record has " + ("no 'text' field" if text is None else "a 'text' field that is not a string")
-    if not isinstance(domain, str):
-        return "the record's 'domain' is not a string"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\\ud800" escapes decode to unpaired surrogates
-        return "'text' holds an unpaired surrogate, which is not valid Unicode"
-
-
 def _documents(files, bad, builtin):
     """Yields (text, domain) for every document, streaming: each line of a JSONL file (.jsonl,
     .jsonl.gz, .ndjson; domain: its `domain` or the file's name), or a whole other file (domain:
@@ -323,9 +312,13 @@ def _documents(files, bad, builtin):
         if path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             for n, record in read_jsonl(path, bad):
                 text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
-                problem = _text_problem(text, domain)
-                if problem:
-                    bad(f"{path} line {n}: {problem}")
+                if not isinstance(text, str):
+                    bad(f"{path} line {n}: the record has " + ("no 'text' field" if text is None else
+                                                               "a 'text' field that is not a string"))
+                elif not isinstance(domain, str):
+                    bad(f"{path} line {n}: the record's 'domain' is not a string")
+                elif re.search("[\ud800-\udfff]", text):  # what JSON's "\\ud800" escapes decode to
+                    bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
                 else:
                     yield text, domain
             continue
@@ -513,7 +506,8 @@ def _length_table(before, after, short, long, budget_tokens):
     lines = [f"length-based sampling: {len(before)} documents, {before.sum():,} tokens -> {len(after)} "
              f"documents, {after.sum():,} tokens (budget {budget_tokens:,})",
              f"  {'doc length (tokens)':>20}  {'before: docs':>12} {'tokens':>6}  {'after: docs':>12} {'tokens':>6}"]
-    for name, low, high in [(f"< {short}", 0, short), (f"{short}-{long}", short, long + 1), (f"> {long}", long + 1, 1e30)]:
+    for name, low, high in [(f"< {short}", 0, short), (f"{short}-{long}", short, long + 1),
+                            (f"> {long}", long + 1, np.inf)]:
         line = f"  {name:>20}"
         for lengths in (before, after):
             inside = (lengths >= low) & (lengths < high)

@@ -495,7 +495,8 @@ def test_zigzag_indices():
     for cp in [1, 2, 3]:
         for rank in range(cp):
             ranges = attention.zigzag_ranges(24, rank, cp)
-            assert torch.cat([torch.arange(a, b) for a, b in ranges]).tolist() == attention.zigzag_indices(24, rank, cp).tolist()
+            expected = attention.zigzag_indices(24, rank, cp).tolist()
+            assert torch.cat([torch.arange(a, b) for a, b in ranges]).tolist() == expected
 
 
 def packed(tmp_path, n_tokens=3000, ctx=24, seed=0):
