@@ -317,9 +317,12 @@ def _documents(files, bad, builtin):
                                                                "a 'text' field that is not a string"))
                 elif not isinstance(domain, str):
                     bad(f"{path} line {n}: the record's 'domain' is not a string")
-                elif re.search("[\ud800-\udfff]", text):  # what JSON's "\\ud800" escapes decode to
-                    bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
                 else:
+                    try:
+                        text.encode("utf-8")  # JSON's "\\ud800" escapes decode to unpaired surrogates
+                    except UnicodeEncodeError:
+                        bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
+                        continue
                     yield text, domain
             continue
         with _open(path) as f:
