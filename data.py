@@ -622,7 +622,10 @@ class PackedDataset:
         tokens[:real], tokens[real:] = raw[:real], self.pad_id
         labels[: max(have - 1, 0)], labels[max(have - 1, 0) :] = raw[1:have], IGNORE_INDEX
         doc_ids[real:] = -1
-        positions[real if self.doc_mask else 0 :] = count_up[: n - real] if self.doc_mask else count_up[start:stop]
+        if self.doc_mask:
+            positions[real:] = count_up[: n - real]
+        else:
+            positions[:] = count_up[start:stop]
         return out
 
 
@@ -756,9 +759,11 @@ class ChatDataset:
             tokens[at : at + length] = self.tokens[offset : offset + length]
             trainable[at : at + length] = self.mask[offset : offset + length]
             doc_ids[at : at + length] = occurrence
-            positions[at : at + length] = np.arange(length) if self.doc_mask else positions[at : at + length]
+            if self.doc_mask:  # positions restart at every conversation
+                positions[at : at + length] = np.arange(length)
             at += length
-        positions[at:] = np.arange(self.ctx - at) if self.doc_mask else positions[at:]
+        if self.doc_mask:
+            positions[at:] = np.arange(self.ctx - at)
         # labels[j] is tokens[j+1] when that token is trainable. A conversation's first token
         # (<|begin_of_text|>) never is, so no label crosses from one conversation to the next.
         labels = np.where(trainable[1:], np.append(tokens[1:], self.pad_id), IGNORE_INDEX)
