@@ -6,10 +6,9 @@
    Tokenizers: a byte-level BPE with Llama 3's pre-tokenizer trained here on that text (or a real
    model directory with --tokenizer), and the built-in byte-level tokenizer.
 2. packing: PackedDataset building 4M-token sequences from a synthetic token file larger than
-   1 GiB (written to /tmp, deleted afterwards) against a plain memory copy (np.copyto) of the same
-   bytes: read_stream (the packed ctx+1 uint32 tokens) against copying those uint32 bytes from
-   memory (target >= 0.5x; also shown: the same copy while it stays in the CPU's cache), and the four int64 tensors of ds[i] / the loader against copying those 32 bytes a
-   token, into a preallocated and into a fresh array.
+   1 GiB (written to /tmp, deleted afterwards) against plain memory copies (np.copyto): the four
+   int64 tensors of ds[i] / the loader against copying those 32 bytes a token, into a preallocated
+   and into a fresh array; also shown: copying the ctx+1 uint32 tokens, from memory and in cache.
    Memory: runs in a fresh process and reports the peak resident set beyond the sequence itself
    (target < ~100 MB).
 
@@ -162,17 +161,17 @@ def bench_tokenization(name, tok, texts, n_bytes, workdir, repeats):
 def write_synthetic_token_file(out_dir, n_tokens, seed=0):
     """Documents of log-normal length (median 8K tokens, clipped to [16, 2M]) of random ids."""
     rng = np.random.default_rng(seed)
-    writer = data.TokenFileWriter(out_dir)
-    written = 0
-    while written < n_tokens:
-        lengths = np.clip(rng.lognormal(np.log(8192), 1.2, size=2048), 16, 2_000_000).astype(np.int64)
-        lengths = lengths[np.cumsum(lengths) <= n_tokens - written] if lengths.sum() > n_tokens - written else lengths
-        if len(lengths) == 0:
-            lengths = np.array([n_tokens - written])
-        flat = rng.integers(0, 128_000, size=int(lengths.sum()), dtype=np.uint32)
-        writer.add_many(flat, lengths, ["synthetic"] * len(lengths))
-        written += int(lengths.sum())
-    return writer.close({"synthetic": True})
+
+    def batches():
+        written = 0
+        while written < n_tokens:
+            lengths = np.clip(rng.lognormal(np.log(8192), 1.2, size=2048), 16, 2_000_000).astype(np.int64)
+            lengths = lengths[np.cumsum(lengths) <= n_tokens - written] if lengths.sum() > n_tokens - written else lengths
+            if len(lengths) == 0:
+                lengths = np.array([n_tokens - written])
+            yield rng.integers(0, 128_000, size=int(lengths.sum()), dtype=np.uint32), lengths, ["synthetic"] * len(lengths)
+            written += int(lengths.sum())
+    return data.write_token_file(out_dir, batches(), lambda: {"synthetic": True})
 
 
 def packing_child(token_dir, ctx, max_sequences):
@@ -183,7 +182,7 @@ def packing_child(token_dir, ctx, max_sequences):
     sep = data.separator_ids(data.builtin_tokenizer(), "<s>")
     dataset = data.PackedDataset(token_file, order, ctx, sep)
     n = min(len(dataset), max_sequences)
-    baseline = rss_bytes()  # before the first read: the dataset's reusable buffers count as overhead
+    baseline = rss_bytes()  # before the first read: the cached positions (0, 1, ...) count as overhead
     peak = baseline
     sequence_bytes = 0
     start = time.perf_counter()
@@ -195,10 +194,6 @@ def packing_child(token_dir, ctx, max_sequences):
     elapsed = time.perf_counter() - start
     peak = max(peak, rss_bytes("VmHWM"))  # the kernel's own peak catches what sampling missed
     packed_tokens_s = n * ctx / elapsed
-
-    # the packing itself: ctx+1 uint32 stream tokens into a reused buffer, like the peer's copy
-    stream_out = np.empty(ctx + 1, dtype=np.uint32)
-    t_stream = best_of(5, lambda: [dataset.read_stream(i, out=stream_out) for i in range(min(n, 8))]) / min(n, 8)
 
     # the peers: a plain memory copy of the same bytes, in memory, after the RSS measurement
     src = np.random.default_rng(0).integers(0, 128_000, size=ctx + 1, dtype=np.uint32)
@@ -221,8 +216,7 @@ def packing_child(token_dir, ctx, max_sequences):
         "file_gib": token_file.n_tokens * 4 / (1 << 30), "ctx": ctx, "sequences": n,
         "rss_baseline_mib": baseline / MiB, "rss_peak_mib": peak / MiB, "sequence_mib": sequence_bytes / MiB,
         "rss_beyond_sequence_mib": (peak - baseline - sequence_bytes) / MiB,
-        "stream_tokens_s": (ctx + 1) / t_stream, "ratio_stream_vs_token_copy": t_copy / t_stream,
-        "copy_cold_tokens_s": (ctx + 1) / t_copy_cold, "ratio_stream_vs_cold_token_copy": t_copy_cold / t_stream,
+        "copy_cold_tokens_s": (ctx + 1) / t_copy_cold,
         "packing_tokens_s": packed_tokens_s, "loader_tokens_s": ctx / t_loader,
         "copy_tokens_s": (ctx + 1) / t_copy, "copy_output_tokens_s": ctx / t_copy_out,
         "copy_output_fresh_tokens_s": ctx / t_copy_out_fresh,
@@ -248,11 +242,8 @@ def bench_packing(file_tokens, ctx, max_sequences):
         shutil.rmtree(tmp)
     r = result
     print(f"  {r['sequences']} sequences of {ctx:,} tokens from a {r['file_gib']:.2f} GiB file")
-    print(f"    read_stream: the packed uint32 tokens          {r['stream_tokens_s'] / 1e6:8.1f} M tokens/s")
-    print(f"    np.copyto, the same uint32 tokens, from memory {r['copy_cold_tokens_s'] / 1e6:8.1f} M tokens/s"
-          f"   read_stream ratio {r['ratio_stream_vs_cold_token_copy']:.2f}x")
-    print(f"    np.copyto, the same uint32 tokens, in cache    {r['copy_tokens_s'] / 1e6:8.1f} M tokens/s"
-          f"   read_stream ratio {r['ratio_stream_vs_token_copy']:.2f}x")
+    print(f"    np.copyto, ctx+1 uint32 tokens, from memory    {r['copy_cold_tokens_s'] / 1e6:8.1f} M tokens/s")
+    print(f"    np.copyto, ctx+1 uint32 tokens, in cache       {r['copy_tokens_s'] / 1e6:8.1f} M tokens/s")
     print(f"    PackedDataset[i] (fresh tensors)               {r['packing_tokens_s'] / 1e6:8.1f} M tokens/s")
     print(f"    Loader, batch 1 (fresh batch)                  {r['loader_tokens_s'] / 1e6:8.1f} M tokens/s")
     print(f"    np.copyto, the 4 int64 outputs                 {r['copy_output_tokens_s'] / 1e6:8.1f} M tokens/s"
@@ -303,8 +294,6 @@ def main():
     print("summary: " + json.dumps({
         "tokenize_ratio_bpe": round(results["tokenize_bpe"]["ratio"], 2),
         "tokenize_ratio_builtin": round(results["tokenize_builtin"]["ratio"], 2),
-        "packing_stream_ratio_vs_token_copy": round(results["packing"]["ratio_stream_vs_cold_token_copy"], 2),
-        "packing_stream_ratio_vs_cached_token_copy": round(results["packing"]["ratio_stream_vs_token_copy"], 2),
         "packing_ratio_vs_output_copy": round(results["packing"]["ratio_vs_output_copy"], 2),
         "loader_ratio_vs_output_copy": round(results["packing"]["loader_ratio_vs_output_copy"], 2),
         "rss_beyond_sequence_mib": round(results["packing"]["rss_beyond_sequence_mib"], 1),

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import attention
 import data
-from data import DataError
+from rope import UserError
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,20 @@ def tok():
 def make_token_file(tmp_path, lengths, domains=None, seed=0, name="tf"):
     """A token file whose documents have the given lengths; token values are random."""
     rng = np.random.default_rng(seed)
-    writer = data.TokenFileWriter(str(tmp_path / name))
-    for k, n in enumerate(lengths):
-        writer.add(rng.integers(0, 500, size=n, dtype=np.uint32), domains[k] if domains else "default")
-    return writer.close()
+    batches = [(rng.integers(0, 500, size=n, dtype=np.uint32), [n], [domains[k] if domains else "default"])
+               for k, n in enumerate(lengths)]
+    return data.write_token_file(str(tmp_path / name), batches)
+
+
+def small_chats(n, seed):
+    """n short conversations (a sum, or a copy of random letters) to pack."""
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        a, b, word = rng.randint(0, 999), rng.randint(0, 999), "".join(rng.choices("abcdefgh", k=rng.randint(6, 24)))
+        question, answer = rng.choice([(f"What is {a} + {b}?", str(a + b)), (f"Copy this exactly: {word}", word)])
+        chats.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return chats
 
 
 def random_text(rng, n):
@@ -86,7 +97,7 @@ def test_builtin_tokenizer_layout(tok):
     assert set(tok.stop_ids) == {tok.token_id(t) for t in ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]}
     assert tok.pad_id == tok.token_id("<|finetune_right_pad_id|>")
     assert tok.source_dir is None and tok.chat_template == data.LLAMA31_CHAT_TEMPLATE
-    with pytest.raises(DataError, match="not in the tokenizer's vocabulary"):
+    with pytest.raises(UserError, match="not in the tokenizer's vocabulary"):
         tok.token_id("<|nope|>")
 
 
@@ -100,7 +111,6 @@ def test_builtin_encode_is_utf8_and_specials_stay_text(tok):
         # the byte fast path must agree with the real tokenizers object it stands in for
         assert tok._backend.encode(text, add_special_tokens=False).ids == ids
     assert tok.encode("<|eot_id|>") == list(b"<|eot_id|>")
-    assert tok.encode_batch(["ab", "", "é"]) == [[97, 98], [], [195, 169]]
     flat, lengths = tok.encode_flat(["ab", "é"])
     assert flat.dtype == np.uint32 and flat.tolist() == [97, 98, 195, 169] and lengths.tolist() == [2, 2]
 
@@ -132,7 +142,6 @@ def test_bpe_tokenizer_encode_matches_library(bpe_dir):
     raw = tokenizers.Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
     raw.encode_special_tokens = True
     expected = [raw.encode(t, add_special_tokens=False).ids for t in texts]
-    assert bpe.encode_batch(texts) == expected
     assert [bpe.encode(t) for t in texts] == expected
     flat, lengths = bpe.encode_flat(texts)
     assert flat.tolist() == [i for ids in expected for i in ids]
@@ -140,7 +149,7 @@ def test_bpe_tokenizer_encode_matches_library(bpe_dir):
 
 
 def test_load_tokenizer_missing_dir(tmp_path):
-    with pytest.raises(DataError, match="has no tokenizer.json"):
+    with pytest.raises(UserError, match="has no tokenizer.json"):
         data.load_tokenizer(str(tmp_path))
 
 
@@ -221,11 +230,11 @@ def test_format_chat_llama3_template_and_generation_prompt(tok):
 
 
 def test_format_chat_rejects_bad_messages(tok):
-    with pytest.raises(DataError, match="unknown role 'robot'"):
+    with pytest.raises(UserError, match="unknown role 'robot'"):
         data.format_chat(tok, [{"role": "robot", "content": "x"}])
-    with pytest.raises(DataError, match="not a non-empty list"):
+    with pytest.raises(UserError, match="not a non-empty list"):
         data.format_chat(tok, [])
-    with pytest.raises(DataError, match="content that is not a string"):
+    with pytest.raises(UserError, match="content that is not a string"):
         data.format_chat(tok, [{"role": "user", "content": None}])
 
 
@@ -294,7 +303,7 @@ def test_build_token_file_is_cached_and_rebuilt_on_change(tok, tmp_path):
 def test_bad_jsonl_names_file_and_line(tok, tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UserError, match=message):
         data.build_token_file([str(path)], tok, str(tmp_path / "cache"), log=None)
     assert not os.listdir(tmp_path / "cache")  # a failed build leaves nothing behind
 
@@ -302,7 +311,7 @@ def test_bad_jsonl_names_file_and_line(tok, tmp_path, content, message):
 def test_bad_input_skip_counts(tok, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "good"}, {"nope": 1}, {"text": ""}, {"text": "fine"}])
     (tmp_path / "b.txt").write_bytes(b"line one\nline \xff two\n")
-    with pytest.raises(DataError, match=r"b\.txt line 2: undecodable bytes"):
+    with pytest.raises(UserError, match=r"b\.txt line 2: undecodable bytes"):
         data.build_token_file([str(tmp_path / "b.txt")], tok, str(tmp_path / "cache"), log=None)
     logs = []
     tf = data.build_token_file([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], tok,
@@ -313,9 +322,9 @@ def test_bad_input_skip_counts(tok, tmp_path):
 
 def test_empty_corpus_and_missing_input(tok, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(DataError, match="corpus is empty"):
+    with pytest.raises(UserError, match="corpus is empty"):
         data.build_token_file([str(tmp_path / "empty.jsonl")], tok, str(tmp_path / "cache"), log=None)
-    with pytest.raises(DataError, match="neither a file, a directory nor a matching glob"):
+    with pytest.raises(UserError, match="neither a file, a directory nor a matching glob"):
         data.build_token_file([str(tmp_path / "nothing*.jsonl")], tok, str(tmp_path / "cache"), log=None)
 
 
@@ -384,11 +393,11 @@ def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path):
 
 def test_sampling_rejects_bad_settings(tmp_path):
     tf = make_token_file(tmp_path, [10, 20])
-    with pytest.raises(DataError, match="budget must be positive"):
+    with pytest.raises(UserError, match="budget must be positive"):
         data.sample_by_length(tf, 0, seed=0, log=None)
-    with pytest.raises(DataError, match="short <= long"):
+    with pytest.raises(UserError, match="short <= long"):
         data.sample_by_length(tf, 10, seed=0, short=10, long=5, log=None)
-    with pytest.raises(DataError, match="rate 0"):
+    with pytest.raises(UserError, match="rate 0"):
         data.sample_by_length(tf, 10, seed=0, down_rate=0, log=None)
 
 
@@ -401,7 +410,7 @@ def test_separator_ids(tok):
     assert data.separator_ids(tok, "bos") == [tok.bos_id]
     assert data.separator_ids(tok, "eos") == [tok.eos_id]
     assert data.separator_ids(tok, "none") == []
-    with pytest.raises(DataError, match="unknown separator"):
+    with pytest.raises(UserError, match="unknown separator"):
         data.separator_ids(tok, "</s>")
 
 
@@ -448,11 +457,6 @@ def test_packing_reproduces_the_stream(tmp_path):
         part = ds.read(i, a, b)
         for key in part:
             assert (part[key] == items[i][key][a:b]).all()
-        compact = ds.read_stream(i)  # (ctx+1,) uint32: inputs, then the last label
-        assert compact.dtype == np.uint32 and len(compact) == ctx + 1
-        assert (compact[:-1] == items[i]["tokens"].numpy()).all()
-        real = items[i]["labels"] != -100
-        assert (compact[1:][real.numpy()] == items[i]["labels"][real].numpy()).all()
 
 
 def test_packing_drop_last_and_doc_mask_positions(tmp_path):
@@ -470,7 +474,7 @@ def test_packing_drop_last_and_doc_mask_positions(tmp_path):
 
 def test_packing_rejects_tiny_window(tmp_path, tok):
     tf = make_token_file(tmp_path, [5])
-    with pytest.raises(DataError, match="must be longer than the separator"):
+    with pytest.raises(UserError, match="must be longer than the separator"):
         data.PackedDataset(tf, [0], ctx=3, sep_ids=data.separator_ids(tok, "<s>"))
 
 
@@ -479,18 +483,19 @@ def test_packing_rejects_tiny_window(tmp_path, tok):
 # ----------------------------------------------------------------------------------------------
 
 def test_zigzag_indices():
-    assert data.zigzag_indices(8, 0, 2).tolist() == [0, 1, 6, 7]
-    assert data.zigzag_indices(8, 1, 2).tolist() == [2, 3, 4, 5]
+    assert attention.zigzag_indices(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert attention.zigzag_indices(8, 1, 2).tolist() == [2, 3, 4, 5]
     for cp in [1, 2, 3, 4]:
-        parts = torch.cat([data.zigzag_indices(24, r, cp) for r in range(cp)])
+        parts = torch.cat([attention.zigzag_indices(24, r, cp) for r in range(cp)])
         assert sorted(parts.tolist()) == list(range(24))
     with pytest.raises(ValueError, match="divisible by 2 x cp = 6"):
-        data.zigzag_indices(8, 0, 3)
+        attention.zigzag_indices(8, 0, 3)
     # the loader reads the same chunks as ranges
     for cp in [1, 2, 3]:
         for rank in range(cp):
-            ranges = data._zigzag_ranges(24, rank, cp)
-            assert torch.cat([torch.arange(a, b) for a, b in ranges]).tolist() == data.zigzag_indices(24, rank, cp).tolist()
+            ranges = attention.zigzag_ranges(24, rank, cp)
+            expected = attention.zigzag_indices(24, rank, cp).tolist()
+            assert torch.cat([torch.arange(a, b) for a, b in ranges]).tolist() == expected
 
 
 def packed(tmp_path, n_tokens=3000, ctx=24, seed=0):
@@ -508,7 +513,9 @@ def test_loader_ranks_are_distinct_and_cover_everything(tmp_path):
         for rank in range(dp_size):
             loader = data.Loader(ds, batch_size, dp_rank=rank, dp_size=dp_size, seed=1,
                                  drop_last=drop_last, epochs=1)
-            indices = [loader.batch_indices(0, s) for s in range(loader.steps_per_epoch)]
+            order = loader.epoch_order(0)
+            first = [s * batch_size * dp_size + rank * batch_size for s in range(loader.steps_per_epoch)]
+            indices = [order[f : f + batch_size] for f in first]
             batches = list(loader)
             steps = steps or len(batches)
             assert len(batches) == steps  # every rank takes the same number of steps
@@ -531,11 +538,11 @@ def test_loader_context_parallel_shards(tmp_path):
     for cp in [2, 3]:
         for rank in range(cp):
             shard = next(iter(data.Loader(ds, 2, cp_rank=rank, cp_size=cp, seed=3)))
-            idx = data.zigzag_indices(ds.ctx, rank, cp)
+            idx = attention.zigzag_indices(ds.ctx, rank, cp)
             for key in full:
                 assert shard[key].shape == (2, ds.ctx // cp)
                 assert (shard[key] == full[key][:, idx]).all()
-    with pytest.raises(DataError, match="divisible by 2 x cp"):
+    with pytest.raises(UserError, match="divisible by 2 x cp"):
         data.Loader(ds, 2, cp_rank=0, cp_size=5)
 
 
@@ -556,7 +563,7 @@ def test_loader_deterministic_reshuffles_and_resumes(tmp_path):
         resumed.load_state_dict(state)
         for expected, got in zip(reference[stop_after:], resumed):
             assert all((expected[k] == got[k]).all() for k in expected)
-    with pytest.raises(DataError, match="cannot resume"):
+    with pytest.raises(UserError, match="cannot resume"):
         data.Loader(ds, 4, dp_rank=1, dp_size=2, seed=8).load_state_dict(state)
     unshuffled = data.Loader(ds, 1, shuffle=False, epochs=1)
     assert [int(b["tokens"][0, 0]) for b in unshuffled] == [int(ds[i]["tokens"][0]) for i in range(len(ds))]
@@ -566,24 +573,8 @@ def test_loader_deterministic_reshuffles_and_resumes(tmp_path):
 # chat data
 # ----------------------------------------------------------------------------------------------
 
-def test_synthetic_chat_is_deterministic_with_disjoint_exact_answers():
-    train = data.synthetic_chat(300, seed=0)
-    test = data.synthetic_chat(50, seed=0, split="test")
-    assert train == data.synthetic_chat(300, seed=0) and train != data.synthetic_chat(300, seed=1)
-    assert not {c[0]["content"] for c in train} & {c[0]["content"] for c in test}
-    for conversation in train + test:
-        question, answer = conversation[0]["content"], conversation[1]["content"]
-        if question.startswith("What is"):
-            assert str(eval(question[len("What is "):-1])) == answer
-        elif question.startswith("Copy this exactly: "):
-            assert question[len("Copy this exactly: "):] == answer
-        else:
-            pairs = dict(line.split(": ") for line in question.split("\n")[1:-1])
-            assert pairs[question.split()[-1][:-1]] == answer
-
-
 def test_chat_dataset_labels_and_packing(tok):
-    conversations = data.synthetic_chat(60, seed=1)
+    conversations = small_chats(60, seed=1)
     ds = data.ChatDataset([(conversations, 1.0)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["conversations"] == 60 and ds.stats["blended"] == 60
     rows = [ds[i] for i in range(len(ds))]
@@ -606,7 +597,7 @@ def test_chat_dataset_labels_and_packing(tok):
 
 
 def test_chat_dataset_weights_truncation_and_doc_mask(tok, tmp_path):
-    short = data.synthetic_chat(40, seed=2)
+    short = small_chats(40, seed=2)
     long = [[{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 50}]]
     ds = data.ChatDataset([(short, 2.0), (long, 0.5)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["blended"] == 80 + 0  # round(0.5 * 1) = 0 copies of the long one
@@ -619,7 +610,7 @@ def test_chat_dataset_weights_truncation_and_doc_mask(tok, tmp_path):
     row = truncated[0]
     assert (row["labels"] != -100).sum() == 51 - 10 and (row["doc_ids"] == 0).all()
     # no assistant token survives truncation before the reply: counted as skipped
-    with pytest.raises(DataError, match="no usable conversations"):
+    with pytest.raises(UserError, match="no usable conversations"):
         data.ChatDataset([(long, 1.0)], tok, max_len=full - 51, log=None)
     skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 10, truncate=False, log=None)
     assert skipped.stats["too_long_skipped"] == 1 and skipped.stats["blended"] == 1
@@ -644,7 +635,7 @@ def test_chat_bad_input(tok, tmp_path):
     ]
     for bad_line, message in cases:
         path.write_text(json.dumps(good) + "\n" + bad_line + "\n", encoding="utf-8")
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(UserError, match=message):
             data.ChatDataset([(str(path), 1.0)], tok, max_len=256, log=None)
     path.write_text("\n".join([json.dumps(good)] + [line for line, _ in cases]) + "\n", encoding="utf-8")
     logs = []
@@ -662,7 +653,7 @@ def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
     for record in records[::3]:
         record["train_eos"] = False
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    chats = data.synthetic_chat(10, seed=4)
+    chats = small_chats(10, seed=4)
     ds = data.ChatDataset([(str(path), 1.0), (chats, 1.0)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["conversations"] == 40
     plain = 0
@@ -683,7 +674,7 @@ def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
 
 
 def test_chat_dataset_in_loader(tok):
-    ds = data.ChatDataset([(data.synthetic_chat(40, seed=3), 1.0)], tok, max_len=128, log=None)
+    ds = data.ChatDataset([(small_chats(40, seed=3), 1.0)], tok, max_len=128, log=None)
     batch = next(iter(data.Loader(ds, 2, cp_rank=1, cp_size=2)))
     assert batch["tokens"].shape == (2, 64) and batch["labels"].shape == (2, 64)
 
@@ -699,16 +690,15 @@ def test_tokenizer_config_variants(tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text(data.LLAMA31_CHAT_TEMPLATE)
     assert data.load_tokenizer(str(tmp_path)).chat_template == data.LLAMA31_CHAT_TEMPLATE
-    with pytest.raises(DataError, match="not a Llama 3 family template"):
+    with pytest.raises(UserError, match="not a Llama 3 family template"):
         data.format_chat(loaded, [{"role": "user", "content": "x"}])
 
 
 def test_packed_dataset_pickles_for_worker_processes(tmp_path):
     import pickle
     ds = packed(tmp_path)
-    ds[0]  # opens the file and fills the reusable buffers, which must not travel
+    ds[0]
     assert len(pickle.dumps(ds.token_file)) < 1000  # the token file travels by path, not by value
     copy = pickle.loads(pickle.dumps(ds))
-    assert copy._fd is None and copy._scratch_buffer is None
     for key, value in ds[3].items():
         assert (copy[3][key] == value).all()
