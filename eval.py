@@ -1,26 +1,20 @@
-"""Long-context evaluation: needle in a haystack, RULER-style tasks, passkey, perplexity by position.
+"""Long-context evaluation: needle in a haystack, passkey, perplexity by position, JSONL benchmarks.
 
     python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1
-    python eval.py ruler   --model DIR --lengths 4K,8K --samples 4 [--tasks niah_single,vt,cwe]
     python eval.py passkey --model DIR --lengths 4K,8K --depths 0,0.5,1
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
     python eval.py plot    OUT_DIR        (redraws the PNG of an earlier run from its results.json)
 
-Every run writes OUT/results.json: settings, one record per item (prediction and scores, never the
-prompt) and the aggregate. Lengths count the model's own tokens: prompt (chat frame, haystack,
-needles, question, answer prefix) plus generation budget (twice the answer's tokens + 8) is the
-asked length. A needle is its own line at fraction `depth` of the haystack, moved to a word
-boundary; each item records its needles' token spans. Seeds derive from (--seed, task, length,
-depth, index). --cp N under torchrun (all but ppl) splits one prompt over N processes: see cp_prefill.
+A length counts the model's own tokens: the whole prompt (chat frame, haystack, needle, question,
+answer prefix) plus the generation budget. Every run writes OUT/results.json: settings, one record
+per item (prediction and scores, never the prompt) and the aggregate.
 """
 import argparse
 import collections
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -46,19 +40,14 @@ from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # 70 syllables -> pronounceable words
-# niah's needle is a constant, and short: a 256-token byte-level prompt still has room for a haystack
-NIAH_HEAD = "Find the magic number hidden in this text.\n"
-NIAH = (NIAH_HEAD, "The magic number is {value}.", "What is the magic number?", "The magic number is")
-NIAH_ANSWER_PREFIX = NIAH[3]
-RULER_NIAH = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. I "
-              "will quiz you about the numbers afterwards.\n", "One of the special magic numbers for {key} is: {value}.",
-              "What are all the special magic numbers for {key} mentioned in the provided text?",
-              "The special magic numbers for {key} mentioned in the provided text are")  # RULER's constants.py
-# (keys, values per key, keys asked for) of RULER's niah variants, from its synthetic.yaml
-RULER_NIAH_VARIANTS = {"niah_single": (1, 1, 1), "niah_multikey": (4, 1, 1), "niah_multivalue": (1, 4, 1),
-                       "niah_multiquery": (4, 1, 4)}
-RULER_TASKS = [*RULER_NIAH_VARIANTS, "vt", "cwe", "fwe"]
+# (head, needle, question, answer prefix). niah's needle is short: a 256-token byte-level prompt
+# still has room for a haystack; passkey is Mohtashami & Jaggi (2023)'s, in repeated FILLER.
+NIAH = ("Find the magic number hidden in this text.\n", "The magic number is {0}.", "What is the magic number?",
+        "The magic number is")
+PASSKEY = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
+           "quiz you about the important information there.\n", "The pass key is {0}. Remember it. {0} is the pass key.",
+           "What is the pass key?", "The pass key is")
+JSONL_HEAD = "Read the following text and answer the question. Be very concise in your answer.\n\n"
 
 def format_length(n: int) -> str:
     for suffix, scale in (("M", 1 << 20), ("K", 1 << 10)):
@@ -74,9 +63,13 @@ def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
-# ----------------------------------------------------------------------------------------------
-# scoring: SQuAD's exact match and token F1, RULER's string match
+def refuse(problems):
+    """Raise UserError with the sentence of the first (condition, sentence) whose condition holds."""
+    for bad, sentence in problems:
+        if bad:
+            raise UserError(sentence)
 
+# ---- scoring: SQuAD's exact match and token F1, RULER's string match
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
@@ -96,22 +89,16 @@ def token_f1(prediction: str, answers: list[str]) -> float:
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
 
-def ruler_string_match_all(prediction: str, answers: list[str]) -> float:
-    """The fraction of references found in the prediction (case-insensitive substrings)."""
+def string_match(prediction: str, answers: list[str]) -> float:
+    """The fraction of references found in the prediction as case-insensitive substrings (RULER's
+    string_match_all): "1234567." and "It is 1234567" both find 1234567."""
     return sum(a.lower() in prediction.lower() for a in answers) / len(answers)
 
-def ruler_string_match_part(prediction: str, answers: list[str]) -> float:
-    return float(any(a.lower() in prediction.lower() for a in answers))
-
-METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": ruler_string_match_all,
-           "string_match_all": ruler_string_match_all, "string_match_part": ruler_string_match_part}
-# the scores of each task; the first is its headline (RULER reports string_match_all x 100)
+METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": string_match}
 SCORES = {"niah": ["exact_match", "string_match"], "passkey": ["string_match", "exact_match"],
-          "ruler": ["string_match_all", "string_match_part"], "jsonl": ["exact_match", "f1"]}
+          "jsonl": ["exact_match", "f1"]}  # the scores of each task; the first is its headline
 
-# ----------------------------------------------------------------------------------------------
-# prompts
-
+# ---- prompts: a needle in a haystack, or a JSONL record
 def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
     """(tokens, start, lead): format_chat's frame around the user's message, then the answer prefix;
     without a chat frame <|begin_of_text|>, the message, a newline and the prefix. The message's
@@ -124,53 +111,9 @@ def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
     user_header = [i for i, t in enumerate(tokens) if t == end_header][-2]  # the last is the assistant's
     return tokens + tok.encode(answer_prefix), user_header + 1, "\n\n"
 
-def assemble(tok, chat, head, context, tail, answer_prefix, needles=()) -> dict:
-    """The prompt of head + context + tail, the token spans of the context and of each needle (a
-    line of the context), and each needle's depth: the haystack tokens before it / all of them."""
-    message = head + context + tail
-    tokens, start, lead = prompt_tokens(tok, message, answer_prefix, chat)
-    cuts = [len(head), len(head) + len(context)]
-    for needle in needles:
-        at = message.index(f"\n{needle}\n") + 1
-        cuts += [at, at + len(needle)]
-    c0, c1, *ends = [start + len(ids) for ids in tok.encode_batch([lead + message[:i] for i in cuts])]
-    spans = [ends[k:k + 2] for k in range(0, len(ends), 2)]
-    haystack = c1 - c0 - sum(b - a for a, b in spans)
-    depths = [(a - c0 - sum(d - c for c, d in spans if c < a)) / max(haystack, 1) for a, _ in spans]
-    return dict(tokens=tokens, context_span=[c0, c1], needle_spans=spans, needle_depths=depths)
-
 def generation_budget(tok, answers: list[str]) -> int:
     """Twice the references' tokens (models add words and punctuation) + 8 for the stop token."""
     return 2 * len(tok.encode(" " + ", ".join(answers))) + 8
-
-def make_sample(task: str, tok, length: int, seed: int, *, depth: float | None = None, haystack=None,
-                chat: bool = True, max_new_tokens: int | None = None) -> dict:
-    """One item of niah, passkey or a RULER task whose prompt plus generation budget is `length`
-    tokens: the context's size n is corrected by what the whole prompt measures (FIT_TRIES times),
-    and the longest prompt that fits is kept. haystack: a TokenFile for niah and RULER's niah."""
-    spec = SPECS.get(task, needle_spec)(tok, random.Random(seed), depth, haystack, task)
-    head, tail, answer_prefix, answers = spec["head"], spec["tail"], spec["answer_prefix"], spec["answers"]
-    budget = max_new_tokens or generation_budget(tok, answers)
-    target = length - budget
-    n = target - len(prompt_tokens(tok, head + tail, answer_prefix, chat)[0])
-    needles, needed = spec.get("needles", []), spec["needed"]
-    if n < needed + bool(needles):
-        raise UserError(f"{task}: at length {format_length(length)} the prompt leaves {max(n, 0)} tokens for the "
-                        f"context but the needles need {needed}; ask for a longer length")
-    best, last = None, None
-    for _ in range(FIT_TRIES):
-        sample = assemble(tok, chat, head, spec["context"](n), tail, answer_prefix, needles)
-        size = len(sample["tokens"])
-        if size <= target and (best is None or size > len(best["tokens"])):
-            best = sample
-        if size == target or size == last and best is not None:
-            break
-        n, last = n + target - size, size
-    return dict(task=task, depth=depth, seed=seed, length=length, max_new_tokens=budget, answers=answers,
-                needles=needles, **best)
-
-# ----------------------------------------------------------------------------------------------
-# contexts: a haystack with needles in it, or a word list
 
 def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
     """n tokens of whole documents in a random order (cycling if the corpus is short), blank lines
@@ -184,177 +127,67 @@ def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
         i += 1
     return out[:n]
 
-def repeated_filler(tok, n: int) -> list[int]:
-    """The classic passkey / RULER noise: FILLER repeated, n tokens."""
-    unit = tok.encode(FILLER)
-    return (unit * (n // len(unit) + 1))[:n]
+def needle_prompt(tok, chat: bool, parts: tuple, haystack: list[int], needle: str, depth: float) -> dict:
+    """The prompt of parts = (head, question, answer prefix) around the haystack, the needle its own
+    line at fraction `depth` of it; the token spans of the context and of the needle, and the needle's
+    depth: the haystack tokens before it / all of them."""
+    head, question, answer_prefix = parts
+    at, radius = round(depth * len(haystack)), max(8, len(haystack) // 200)
+    # moved by at most 0.5% of the haystack, or 8 tokens, to a word boundary: the needle splits no word
+    at = next((p for p in sorted(range(at - radius, at + radius + 1), key=lambda p: abs(p - at))
+               if p in (0, len(haystack)) or 0 < p < len(haystack) and (tok.decode(haystack[p - 1:p])[-1:].isspace()
+                                                                      or tok.decode(haystack[p:p + 1])[:1].isspace())), at)
+    context = tok.decode(haystack[:at]) + f"\n{needle}\n" + tok.decode(haystack[at:])
+    message = head + context + "\n" + question
+    tokens, start, lead = prompt_tokens(tok, message, answer_prefix, chat)
+    at = len(head) + context.index(f"\n{needle}\n") + 1
+    c0, c1, a, b = [start + len(ids) for ids in tok.encode_batch(
+        [lead + message[:i] for i in (len(head), len(head) + len(context), at, at + len(needle))])]
+    return dict(tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
+                needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
 
-def word_boundary(tok, tokens: list[int], position: int, radius: int) -> int:
-    """The point nearest `position` (within `radius`) between two words, so a needle splits none."""
-    for p in sorted(range(position - radius, position + radius + 1), key=lambda p: abs(p - position)):
-        if p in (0, len(tokens)) or 0 < p < len(tokens) and (tok.decode([tokens[p - 1]])[-1:].isspace()
-                                                             or tok.decode([tokens[p]])[:1].isspace()):
-            return p
-    return position
-
-def hide_needles(tok, fill, needles: list[str], depths: list[float], needed: int, n: int) -> str:
-    """fill(n - needed) haystack tokens as text, needle i its own line at fraction depths[i]
-    (moved by at most 0.5% of the haystack, or 8 tokens, to a word boundary)."""
-    haystack, pieces, cursor = fill(n - needed), [], 0
-    points = [word_boundary(tok, haystack, round(d * len(haystack)), max(8, len(haystack) // 200)) for d in depths]
-    for point, _, needle in sorted(zip(points, range(len(needles)), needles)):  # ties keep their order
-        pieces += [tok.decode(haystack[cursor:point]), f"\n{needle}\n"]
-        cursor = point
-    return "".join(pieces) + tok.decode(haystack[cursor:])
-
-def needle_context(tok, needles, depths, fill) -> dict:
-    needed = sum(len(tok.encode(f"\n{x}\n")) for x in needles)
-    return dict(needles=needles, needed=needed, context=partial(hide_needles, tok, fill, needles, depths, needed))
-
-def word_list(tok, make_text, min_words: int) -> dict:
-    """make_text(n_words) for about the most words that fit n tokens: estimated from the shortest
-    list's tokens per word, then shrunk in proportion while too long."""
-    needed = len(tok.encode(make_text(min_words)))
-
-    def context(n):
-        words = n * min_words // needed
-        while True:
-            text = make_text(max(words, min_words))
-            size = len(tok.encode(text))
-            if size <= n or words <= min_words:
-                return text
-            words = min(words - 1, words * n // size)
-    return dict(needed=needed, context=context)
-
-def pseudo_words(rng: random.Random, n: int, syllables: int = 3, exclude=()) -> list[str]:
-    """n distinct made-up words ('bakulo'): none a real word the model might favour."""
-    words, seen = [], set(exclude)
-    while len(words) < n:
-        word = "".join(rng.choice(SYLLABLES) for _ in range(syllables))
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return words
-
-# ----------------------------------------------------------------------------------------------
-# the tasks: (tok, rng, depth, haystack, task) -> the prompt's parts and its context
-
-def needle_spec(tok, rng, depth, haystack, task) -> dict:
-    """Needles "... {key} ... {value}" (7 random digits) in real text; the question asks for the values
-    of the first num_queries keys (RULER's multi-key, multi-value, multi-query). Every needle at
-    `depth`, or each at a random depth if None. RULER's variants use RULER's templates."""
-    num_keys, num_values, num_queries = RULER_NIAH_VARIANTS.get(task, (1, 1, 1))
-    head, needle, question, answer_prefix = RULER_NIAH if task in RULER_NIAH_VARIANTS else NIAH
-    keys = ["-".join(pseudo_words(rng, 2)) for _ in range(num_keys)]
-    values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), num_keys * num_values)]  # distinct
-    needles = [needle.format(key=key, value=values[k * num_values + j])
-               for k, key in enumerate(keys) for j in range(num_values)]
-    depths = [depth if depth is not None else rng.random() for _ in needles]
-    query = keys[0] if num_queries == 1 else ", ".join(keys[:num_queries - 1]) + ", and " + keys[num_queries - 1]
-    fill_seed = rng.getrandbits(64)  # the same haystack on every sizing try
-    fill = lambda n: take_haystack(haystack, tok, n, random.Random(fill_seed))  # noqa: E731
-    return dict(head=head, tail="\n" + question.format(key=query), answer_prefix=answer_prefix.format(key=query),
-                answers=values[:num_queries * num_values], **needle_context(tok, needles, depths, fill))
-
-def passkey_spec(tok, rng, depth, haystack, task) -> dict:
-    """The classic passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key in repeated filler."""
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    return dict(head="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                     "I will quiz you about the important information there.\n", tail="\nWhat is the pass key?",
-                answer_prefix="The pass key is", answers=[key], **needle_context(
-                    tok, [needle], [depth if depth is not None else rng.random()], partial(repeated_filler, tok)))
-
-def variable_tracking_spec(tok, rng, depth, haystack, task, num_chains=1, num_hops=4) -> dict:
-    """RULER's variable tracking: chains "VAR A = 12345", "VAR B = VAR A", ... hidden in filler;
-    name every variable that holds the first chain's value. Other chains are distractors."""
-    names = set()
-    while len(names) < num_chains * (num_hops + 1):
-        names.add("".join(rng.choices(string.ascii_uppercase, k=5)))
-    names = sorted(names)
-    rng.shuffle(names)
-    values = [str(v) for v in rng.sample(range(10000, 100000), num_chains)]
-    needles, depths = [], []
-    for c in range(num_chains):
-        chain = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
-        needles += [f"VAR {chain[0]} = {values[c]}"] + [f"VAR {b} = VAR {a}" for a, b in zip(chain, chain[1:])]
-        depths += sorted(rng.random() for _ in chain)  # a chain reads in order
-    return dict(head="Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n",
-                tail=f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above.",
-                answer_prefix=(f"Answer: According to the chain(s) of variable assignment in the text above, "
-                               f"{num_hops + 1} variables are assigned the value {values[0]}, they are:"),
-                answers=names[:num_hops + 1], **needle_context(tok, needles, depths, partial(repeated_filler, tok)))
-
-def common_words_spec(tok, rng, depth, haystack, task, num_common=10) -> dict:
-    """RULER's common words extraction: a numbered list where num_common words appear 30 times and
-    the others 3 times (2..30 and once in short lists); name the common ones."""
-    common, list_seed = pseudo_words(rng, num_common, syllables=4), rng.getrandbits(64)
-
-    def make_text(n_items):
-        if n_items >= 2 * 30 * num_common:  # RULER's 30 / 3 repeats; fewer, still distinct, when short
-            common_repeats, rare_repeats = 30, 3
-        else:
-            common_repeats, rare_repeats = min(30, max(2, n_items // (2 * num_common))), 1
-        list_rng = random.Random(list_seed)  # the same list for the same size
-        rare = pseudo_words(list_rng, max(1, (n_items - common_repeats * num_common) // rare_repeats), 4, common)
-        words = common * common_repeats + rare * rare_repeats
-        list_rng.shuffle(words)
-        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-
-    return dict(head=("Below is a numbered list of words. In these words, some appear more often than others. "
-                      "Memorize the ones that appear most often.\n"),
-                tail=f"\nQuestion: What are the {num_common} most common words in the above list?",
-                answer_prefix=f"Answer: The top {num_common} words that appear most often in the list are:",
-                answers=common, **word_list(tok, make_text, min_words=3 * num_common))
-
-def frequent_words_spec(tok, rng, depth, haystack, task, alpha=2.0) -> dict:
-    """RULER's frequent words extraction: coded words with Zipf(alpha) frequencies, the most frequent
-    being the noise '....'; name the next three."""
-    vocab = set()
-    while len(vocab) < 2000:  # RULER's vocabulary size: enough for Zipf(2) up to ~6M words
-        vocab.add("".join(rng.choices(string.ascii_lowercase, k=6)))
-    vocab = sorted(vocab)
-    rng.shuffle(vocab)
-    vocab[0] = "...."
-    zeta, list_seed = sum(k ** -alpha for k in range(1, 100_000)), rng.getrandbits(64)  # Riemann zeta, to 1e-5
-
-    def make_text(n_words):
-        words = [w for k, w in enumerate(vocab, 1) for _ in range(int(n_words * k ** -alpha / zeta))]
-        random.Random(list_seed).shuffle(words)
-        return " ".join(words)
-
-    return dict(head=("Read the following coded text and track the frequency of each coded word. "
-                      "Find the three most frequently appeared coded words. "),
-                tail=("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. "
-                      "What are the three most frequently appeared words in the above coded text?"),
-                answer_prefix="Answer: According to the coded text above, the three most frequently appeared words are:",
-                # from 80 words on, the floored Zipf counts of ranks 2..5 differ by at least 1: one answer
-                answers=vocab[1:4], **word_list(tok, make_text, min_words=80))
-
-SPECS = {"passkey": passkey_spec, "vt": variable_tracking_spec, "cwe": common_words_spec, "fwe": frequent_words_spec}
-
-# ----------------------------------------------------------------------------------------------
-# JSONL benchmarks (InfiniteBench, LV-Eval style): one {"context", "input", "answers"} per line
-
-JSONL_HEAD = "Read the following text and answer the question. Be very concise in your answer.\n\n"
+def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystack=None, chat: bool = True,
+                max_new_tokens: int | None = None) -> dict:
+    """One niah item (a 7-digit number in the haystack TokenFile's documents) or passkey item (a 5-digit
+    key in FILLER) whose prompt plus generation budget is `length` tokens: the haystack's size n is
+    corrected by what the whole prompt measures, and the longest prompt that fits is kept."""
+    rng = random.Random(seed)
+    head, needle, question, answer_prefix = NIAH if task == "niah" else PASSKEY
+    answer = str(rng.randint(1_000_000, 9_999_999) if task == "niah" else rng.randint(10_000, 99_999))
+    needle, budget = needle.format(answer), max_new_tokens or generation_budget(tok, [answer])
+    target, needed = length - budget, len(tok.encode(f"\n{needle}\n"))
+    n = target - needed - len(prompt_tokens(tok, head + "\n" + question, answer_prefix, chat)[0])
+    if n < 1:
+        raise UserError(f"{task}: at length {format_length(length)} the prompt leaves {max(n + needed, 0)} tokens "
+                        f"for the context but the needle needs {needed}; ask for a longer length")
+    unit = tok.encode(FILLER)  # every sizing try takes a prefix of the same stream
+    stream = take_haystack(haystack, tok, target, rng) if task == "niah" else unit * (target // len(unit) + 1)
+    best, last = None, None
+    for _ in range(FIT_TRIES):
+        sample = needle_prompt(tok, chat, (head, question, answer_prefix), stream[:n], needle, depth)
+        size = len(sample["tokens"])
+        if size <= target and (best is None or size > len(best["tokens"])):
+            best = sample
+        if size == target or size == last and best is not None:
+            break
+        n, last = n + target - size, size
+    return dict(task=task, depth=depth, seed=seed, length=length, max_new_tokens=budget, answers=[answer],
+                needle=needle, **best)
 
 def read_records(path: str) -> list[dict]:
-    """Records with a 'context' string, an 'input' string (may be absent) and 'answers' (or
-    InfiniteBench's 'answer'): a string or a non-empty list of strings. Or a raw 'prompt' string
-    instead of context and input (the prompts of sft.py's prompt/completion records)."""
+    """JSONL benchmarks (InfiniteBench, LV-Eval style): records with a 'context' string, an 'input'
+    string (may be absent) and 'answers' (or InfiniteBench's 'answer'): a string or a non-empty list
+    of strings. Or a raw 'prompt' string instead of context and input (sft.py's prompt records)."""
     records = []
     for line, r in data.read_jsonl(path):
-        answers = [r["answers"]] if isinstance(r.get("answers"), str) else r.get("answers", r.get("answer"))
+        answers = r.get("answers", r.get("answer"))
         answers = [answers] if isinstance(answers, str) else answers
-        problems = [("prompt" in r and not isinstance(r["prompt"], str), "has a 'prompt' that is not a string"),
-                    ("prompt" not in r and not isinstance(r.get("context"), str),
-                     "has no 'context' string (nor a raw 'prompt')"),
-                    (not isinstance(r.get("input", ""), str), "has an 'input' that is not a string"),
-                    (not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
-                     "has no 'answers' (a string or a non-empty list of strings)")]
-        for bad, problem in problems:
-            if bad:
-                raise UserError(f"{path} line {line} {problem}")
+        refuse((bad, f"{path} line {line} {problem}") for bad, problem in [
+            ("prompt" in r and not isinstance(r["prompt"], str), "has a 'prompt' that is not a string"),
+            ("prompt" not in r and not isinstance(r.get("context"), str), "has no 'context' string (nor a raw 'prompt')"),
+            (not isinstance(r.get("input", ""), str), "has an 'input' that is not a string"),
+            (not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
+             "has no 'answers' (a string or a non-empty list of strings)")])
         records.append(dict(r, id=r.get("id", line), input=r.get("input", ""), answers=answers))
     if not records:
         raise UserError(f"{path} holds no records")
@@ -371,39 +204,32 @@ def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tok
     if room < 2:
         raise UserError(f"record {record['id']}: its question and answer alone exceed --max-len {max_len}")
     ids = tok.encode(record["prompt" if raw else "context"])
-    context = tok.decode(ids[:room // 2]) + tok.decode(ids[len(ids) - (room - room // 2):]) if len(ids) > room \
-        else tok.decode(ids)
-    tokens = assemble(tok, chat, head, context, tail, answer_prefix)["tokens"]
+    cut = len(ids) > room
+    context = tok.decode(ids[:room // 2]) + tok.decode(ids[len(ids) - (room - room // 2):]) if cut else tok.decode(ids)
+    tokens = prompt_tokens(tok, head + context + tail, answer_prefix, chat)[0]
     return dict(task="jsonl", id=record["id"], tokens=tokens, max_new_tokens=budget, answers=record["answers"],
-                length=len(tokens) + budget, truncated=len(ids) > room)
+                length=len(tokens) + budget, truncated=cut)
 
-# ----------------------------------------------------------------------------------------------
-# the model side
-
+# ---- the model side: loading, greedy answers, context parallel
 def load_model(path: str, dtype: str, device: torch.device):
     """An HF-layout directory -> (model in eval mode, tokenizer)."""
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
-        dtype if dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"]
-    model = M.Llama.from_pretrained(path, dtype=dtype, device=device).eval()
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tok = data.load_tokenizer(path)
-    elif model.args.vocab_size == data.BUILTIN_VOCAB_SIZE:
-        tok = data.builtin_tokenizer()
-    else:
-        raise UserError(f"{path} has no tokenizer.json and its vocabulary ({model.args.vocab_size}) is not the "
-                        f"built-in tokenizer's ({data.BUILTIN_VOCAB_SIZE})")
-    if tok.vocab_size > model.args.vocab_size:
-        raise UserError(f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only "
-                        f"{model.args.vocab_size}")
+    bf16 = dtype == "bf16" or dtype == "auto" and device.type == "cuda"
+    model = M.Llama.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
+    vocab, own = model.args.vocab_size, os.path.isfile(os.path.join(path, "tokenizer.json"))
+    refuse([(not own and vocab != data.BUILTIN_VOCAB_SIZE, f"{path} has no tokenizer.json and its vocabulary "
+             f"({vocab}) is not the built-in tokenizer's ({data.BUILTIN_VOCAB_SIZE})")])
+    tok = data.load_tokenizer(path) if own else data.builtin_tokenizer()
+    refuse([(tok.vocab_size > vocab, f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only {vocab}")])
     return model, tok
 
-def generate_all(model, tok, samples, total: int, task: str, d) -> list[dict]:
-    """Greedy answers to samples built one at a time (a 1M-token prompt exists once): one record per
-    sample, without its prompt. Under --cp every rank builds the same samples (cp_generate)."""
+def generate_items(model, tok, samples, metrics: dict, d, desc: str = "", total: int | None = None) -> list[dict]:
+    """Greedy answers to samples {tokens, answers, max_new_tokens, item fields...} taken one at a time
+    (a 1M-token prompt exists once): per sample its fields but the prompt, the prediction, and scores
+    {name: metric(prediction, answers)} over `metrics`. Under --cp every rank gives the same samples."""
     items = []
-    for s in tqdm(samples, total=total, desc=task, unit="sample", dynamic_ncols=True, delay=1):
+    for s in tqdm(samples, total=total, desc=desc, unit="sample", dynamic_ncols=True, delay=1):
         if d.world > 1:
             new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group)
         else:
@@ -412,24 +238,17 @@ def generate_all(model, tok, samples, total: int, task: str, d) -> list[dict]:
         prediction = tok.decode(new[:-1] if stopped else new)
         items.append(dict({k: v for k, v in s.items() if k != "tokens"}, prompt_tokens=len(s["tokens"]),
                           prediction=prediction, stopped=stopped,
-                          scores={m: METRICS[m](prediction, s["answers"]) for m in SCORES[task]}))
+                          scores={name: metric(prediction, s["answers"]) for name, metric in metrics.items()}))
     return items
-
-# ----------------------------------------------------------------------------------------------
-# context parallel: one prompt split over the ranks of a torchrun launch
 
 def check_cp_launch(cp: int, world: int):
     """Fail before loading anything when --cp does not match the processes torchrun started."""
-    if cp < 1:
-        raise UserError(f"--cp must be at least 1, got {cp}")
-    if world < cp:
-        raise UserError(f"--cp {cp} needs {cp} processes but {world} were started; "
-                        f"launch with torchrun --nproc_per_node {cp} eval.py ...")
-    if world % cp != 0:
-        raise UserError(f"world size {world} is not divisible by --cp {cp}")
-    if world != cp:
-        raise UserError(f"{world} processes were started for --cp {cp}, but evaluation splits each prompt over "
-                        f"every process (there is no data-parallel evaluation); pass --cp {world}")
+    refuse([(cp < 1, f"--cp must be at least 1, got {cp}"),
+            (world < cp, f"--cp {cp} needs {cp} processes but {world} were started; "
+                         f"launch with torchrun --nproc_per_node {cp} eval.py ..."),
+            (cp >= 1 and world % cp != 0, f"world size {world} is not divisible by --cp {cp}"),
+            (world != cp, f"{world} processes were started for --cp {cp}, but evaluation splits each prompt over "
+                          f"every process (there is no data-parallel evaluation); pass --cp {world}")])
 
 @torch.no_grad()
 def cp_prefill(model, prompt: list[int], group=None, room: int = 0, block_size=attention.DEFAULT_BLOCK_SIZE):
@@ -505,9 +324,7 @@ def cp_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=(), grou
         model.set_attention(attention.chunked_attention)
     return out
 
-# ----------------------------------------------------------------------------------------------
-# outputs
-
+# ---- outputs
 def save_text(path: str, text: str):
     M.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
@@ -532,11 +349,12 @@ def pyplot():
     import matplotlib.pyplot as plt
     return plt
 
-def draw(out_dir: str, task: str, aggregate: dict) -> str | None:
+def draw(out_dir: str, task: str, aggregate: dict):
     """The run's picture: perplexity by position (ppl) or a length x depth heatmap (red 0, green 1)."""
     plt = pyplot()
     if plt is None:
-        return None
+        return print(f"matplotlib is not installed, so no PNG was drawn; the numbers are in {out_dir}/results.json. "
+                     f"Install it (pip install matplotlib) and run `python eval.py plot {out_dir}`.")
     if task == "ppl":
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([b["end"] for b in aggregate["buckets"]], [b["ppl"] for b in aggregate["buckets"]], marker="o")
@@ -544,40 +362,30 @@ def draw(out_dir: str, task: str, aggregate: dict) -> str | None:
         ax.grid(alpha=0.3)
     else:
         lengths, depths, scores = (aggregate["grid"][k] for k in ("lengths", "depths", "scores"))
+        scores = np.array(scores, dtype=float)  # (depths, lengths)
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
-        fig.colorbar(ax.imshow(np.array(scores, dtype=float), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto"), ax=ax)
+        fig.colorbar(ax.imshow(scores, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto"), ax=ax)
         ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{x:.0%}" for x in depths])
         ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"{task}: {aggregate['metric']}")
-        for (row, col), value in np.ndenumerate(np.array(scores, dtype=float)):
+        for (row, col), value in np.ndenumerate(scores):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
     path = os.path.join(out_dir, "ppl_by_position.png" if task == "ppl" else f"{task}_heatmap.png")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-def report_picture(out_dir: str, task: str, aggregate: dict):
-    path = draw(out_dir, task, aggregate)
-    print(f"wrote {path}" if path else f"matplotlib is not installed, so no PNG was drawn; the numbers are in "
-          f"{out_dir}/results.json. Install it (pip install matplotlib) and run `python eval.py plot {out_dir}`.")
+    print(f"wrote {path}")
 
 def plot_saved(out_dir: str):
     """Redraw the picture of an earlier run from its results.json (e.g. after installing matplotlib)."""
     path = os.path.join(out_dir, "results.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; run an evaluation with --out {out_dir} first")
+    refuse([(not os.path.isfile(path), f"{path} does not exist; run an evaluation with --out {out_dir} first"),
+            (pyplot() is None, "matplotlib is not installed, so nothing can be drawn (pip install matplotlib)")])
     result = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-    if result["task"] not in ("niah", "passkey", "ppl"):
-        raise UserError(f"{path} is a {result['task']} run, which has tables but no picture")
-    png = draw(out_dir, result["task"], result["aggregate"])
-    if png is None:
-        raise UserError("matplotlib is not installed, so nothing can be drawn (pip install matplotlib)")
-    print(f"wrote {png}")
+    refuse([(result["task"] not in ("niah", "passkey", "ppl"), f"{path} is a {result['task']} run, which has no picture")])
+    draw(out_dir, result["task"], result["aggregate"])
 
-# ----------------------------------------------------------------------------------------------
-# the runs: build the items, generate, score, aggregate, write
-
+# ---- the runs: build the samples, generate, score, aggregate, write
 def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], metric: str) -> dict:
     """niah and passkey: the mean of `metric` over the items (each item counts once) in all, by
     length, and by (depth, length) cell."""
@@ -589,55 +397,35 @@ def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], m
                      "scores": [[score(lambda it: (it["length"], it["depth"]) == (n, x)) for n in lengths]
                                 for x in depths]}}
 
-def ruler_table(items: list[dict], lengths: list[int], tasks: list[str]) -> dict:
-    """length -> task -> string_match_all x 100, the mean over that task's items; "average": the mean
-    over the tasks, each task counting once whatever its number of items (as RULER reports)."""
-    table = {}
-    for n in lengths:
-        row = {t: 100 * mean(it["scores"]["string_match_all"] for it in items if (it["length"], it["task"]) == (n, t))
-               for t in tasks}
-        table[format_length(n)] = dict(row, average=mean(row.values()))
-    return table
-
-def item_samples(args, tok):
-    """(a generator of the samples, how many) of niah, passkey, ruler or jsonl; each item's seed
-    derives from (--seed, task, length, depth, index)."""
+def task_samples(args, tok):
+    """(the samples of niah, passkey or jsonl, built lazily; how many)."""
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens)
     if args.task == "jsonl":
         records = read_records(args.path)
         return (make_jsonl_sample(tok, r, args.max_len, **options) for r in records), len(records)
-    haystack = None if args.task == "passkey" else data.build_token_file(args.haystack, tok, args.cache)
-    cells = [(t, n, None, i) for n in args.lengths for t in args.tasks for i in range(args.samples)] \
-        if args.task == "ruler" else \
-        [(args.task, n, x, i) for n in args.lengths for x in args.depths for i in range(args.samples)]
-    return (make_sample(t, tok, n, derive_seed(args.seed, t, n, x, i), depth=x, haystack=haystack, **options)
-            for t, n, x, i in cells), len(cells)
+    haystack = data.build_token_file(args.haystack, tok, args.cache) if args.task == "niah" else None
+    cells = [(n, x, i) for n in args.lengths for x in args.depths for i in range(args.samples)]
+    return (make_sample(args.task, tok, n, derive_seed(args.seed, args.task, n, x, i), depth=x, haystack=haystack,
+                        **options) for n, x, i in cells), len(cells)
 
 def run_generation(args, model, tok, d):
-    metric = SCORES[args.task][0]
-    items = generate_all(model, tok, *item_samples(args, tok), args.task, d)
+    samples, total = task_samples(args, tok)
+    metrics = {name: METRICS[name] for name in SCORES[args.task]}
+    items = generate_items(model, tok, samples, metrics, d, args.task, total)
     if not d.is_main:  # the other ranks of a cp launch only helped generate
         return None
-    if args.task == "ruler":
-        aggregate = {"by_length": ruler_table(items, args.lengths, args.tasks)}
-    elif args.task == "jsonl":  # each record counts once
-        aggregate = {m: mean(it["scores"][m] for it in items) for m in SCORES["jsonl"]}
-        aggregate.update(truncated=sum(it["truncated"] for it in items), records=len(items))
+    if args.task == "jsonl":  # each record counts once
+        aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics},
+                         truncated=sum(it["truncated"] for it in items), records=len(items))
     else:
-        aggregate = grid_aggregate(items, args.lengths, args.depths, metric)
+        aggregate = grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
     write_results(args, items, aggregate)
-    if args.task == "ruler":
-        text = "\n\n".join(f"### RULER at {n} tokens ({args.samples} samples per task)\n\n" + markdown_table(
-            ["task", "score"], [[t, f"{s:.1f}"] for t, s in row.items()]) for n, row in aggregate["by_length"].items())
-        save_text(os.path.join(args.out, "ruler_tables.md"), text + "\n")
-        print(text)
-    elif args.task == "jsonl":
+    if args.task == "jsonl":
         print(f"jsonl: exact match {aggregate['exact_match']:.3f}, F1 {aggregate['f1']:.3f} over {len(items)} records "
               f"({aggregate['truncated']} cut in the middle to {format_length(args.max_len)} tokens)")
     else:
-        report_picture(args.out, args.task, aggregate)
-        print(f"{args.task}: mean {metric} {aggregate['score']:.3f}")
-    return aggregate
+        draw(args.out, args.task, aggregate)
+        print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
 
 def pick_documents(tok, token_file, length: int, n_docs: int, seed: int):
     """n_docs sequences of `length` tokens: documents that long (a seeded choice) or, when too few
@@ -678,21 +466,16 @@ def run_ppl(args, model, tok, d):
     aggregate = {"loss": loss, "ppl": math.exp(loss), "length": length, "docs": len(sequences), "bucket": bucket,
                  "buckets": buckets}
     write_results(args, items, aggregate)
-    rows = [[b["start"], b["end"], b["tokens"], f"{b['loss']:.6f}", f"{b['ppl']:.4f}"] for b in buckets]
-    table = io.StringIO()
-    csv.writer(table).writerows([["bucket_start", "bucket_end", "tokens", "loss", "ppl"], *rows])
-    save_text(os.path.join(args.out, "ppl_by_position.csv"), table.getvalue())
-    report_picture(args.out, "ppl", aggregate)
+    save_text(os.path.join(args.out, "ppl_by_position.csv"), "bucket_start,bucket_end,tokens,loss,ppl\n" + "".join(
+        f"{b['start']},{b['end']},{b['tokens']},{b['loss']:.6f},{b['ppl']:.4f}\n" for b in buckets))
+    draw(args.out, "ppl", aggregate)
     print(markdown_table(["positions", "ppl"], [[f"{format_length(b['start'])}-{format_length(b['end'])}",
                                                  f"{b['ppl']:.3f}"] for b in buckets]))
-    return aggregate
 
-# ----------------------------------------------------------------------------------------------
-# command line
-
+# ---- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
-    p.add_argument("task", choices=["niah", "ruler", "passkey", "ppl", "jsonl", "plot"])
+    p.add_argument("task", choices=["niah", "passkey", "ppl", "jsonl", "plot"])
     p.add_argument("path", nargs="?", help="jsonl: the records file; plot: the --out of an earlier run")
     p.add_argument("--model", default="out/train/hf", help="HF-layout model directory (default: train.py's export)")
     p.add_argument("--out", help="output directory (default: out/eval/TASK)")
@@ -705,18 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="generation budget, part of the length "
                    "(default: twice the answer's tokens + 8)")
     p.add_argument("--lengths", help="e.g. 1K,4K,16K (default: window/8, /4, /2, window); ppl uses the largest")
-    p.add_argument("--samples", type=int, default=1, help="niah, passkey, ruler: items per cell")
+    p.add_argument("--samples", type=int, default=1, help="niah, passkey: items per cell")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah, passkey: needle depths, 0 to 1")
-    p.add_argument("--haystack", nargs="+", help="niah, ruler: text files, directories or globs "
-                   "(default: the built-in corpus)")
-    p.add_argument("--tasks", default="all", help=f"ruler: comma-separated from {','.join(RULER_TASKS)}")
+    p.add_argument("--haystack", nargs="+", help="niah: text files, directories or globs (default: the built-in corpus)")
     p.add_argument("--docs", type=int, default=4, help="ppl: sequences to average over")
     p.add_argument("--data", nargs="+", help="ppl: documents (default: the built-in corpus)")
     p.add_argument("--max-len", help="jsonl: tokens of prompt + answer, e.g. 128K (default: the model's window)")
     return p
 
 def fill_defaults(args, window: int):
-    """Lengths, depths, tasks, the output directory; checked, and a warning beyond the window."""
+    """Lengths, depths, the output directory; checked, and a warning beyond the window."""
     args.out = args.out or os.path.join("out", "eval", args.task)
     args.lengths = sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
                           else {max(256, window // k) for k in (8, 4, 2, 1)})
@@ -725,16 +506,11 @@ def fill_defaults(args, window: int):
         args.depths = [float(x) for x in args.depths.split(",")]
     except ValueError:
         raise UserError(f"cannot read --depths {args.depths}; depths are fractions like 0,0.5,1") from None
-    args.tasks = RULER_TASKS if args.tasks == "all" else args.tasks.split(",")
-    problems = [(args.task == "jsonl" and not args.path, "jsonl needs a file: python eval.py jsonl FILE.jsonl"),
-                (args.lengths[0] < 2, f"length {args.lengths[0]} is too short to evaluate anything"),
-                (any(not 0 <= x <= 1 for x in args.depths), "--depths must lie between 0 and 1"),
-                (not set(args.tasks) <= set(RULER_TASKS), f"--tasks: choose from {', '.join(RULER_TASKS)}"),
-                *[(getattr(args, k) is not None and getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
-                  for k in ("samples", "docs", "max_new_tokens", "max_len")]]
-    for bad, problem in problems:
-        if bad:
-            raise UserError(problem)
+    refuse([(args.task == "jsonl" and not args.path, "jsonl needs a file: python eval.py jsonl FILE.jsonl"),
+            (args.lengths[0] < 2, f"length {args.lengths[0]} is too short to evaluate anything"),
+            (any(not 0 <= x <= 1 for x in args.depths), "--depths must lie between 0 and 1"),
+            *[(getattr(args, k) is not None and getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
+              for k in ("samples", "docs", "max_new_tokens", "max_len")]])
     longest = args.max_len if args.task == "jsonl" else args.lengths[-1]
     if longest > window:
         print(f"warning: length {format_length(longest)} is beyond the model's window of {format_length(window)} "
