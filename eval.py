@@ -118,8 +118,6 @@ def generation_budget(tok, answers: list[str]) -> int:
 def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
     """n tokens of whole documents in a random order (cycling if the corpus is short), blank lines
     between them, cut at n."""
-    if token_file.n_docs == 0 or token_file.n_tokens == 0:
-        raise UserError(f"the haystack corpus {token_file.path} is empty")
     order, out, i = list(range(token_file.n_docs)), [], 0
     rng.shuffle(order)
     while len(out) < n:
@@ -230,10 +228,8 @@ def generate_items(model, tok, samples, metrics: dict, d, desc: str = "", total:
     {name: metric(prediction, answers)} over `metrics`. Under --cp every rank gives the same samples."""
     items = []
     for s in tqdm(samples, total=total, desc=desc, unit="sample", dynamic_ncols=True, delay=1):
-        if d.world > 1:
-            new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group)
-        else:
-            new = model.generate(s["tokens"], s["max_new_tokens"], stop_ids=tok.stop_ids)
+        new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group) if d.world > 1 \
+            else model.generate(s["tokens"], s["max_new_tokens"], stop_ids=tok.stop_ids)
         stopped = bool(new) and new[-1] in tok.stop_ids
         prediction = tok.decode(new[:-1] if stopped else new)
         items.append(dict({k: v for k, v in s.items() if k != "tokens"}, prompt_tokens=len(s["tokens"]),
@@ -427,27 +423,21 @@ def run_generation(args, model, tok, d):
         draw(args.out, args.task, aggregate)
         print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
 
-def pick_documents(tok, token_file, length: int, n_docs: int, seed: int):
-    """n_docs sequences of `length` tokens: documents that long (a seeded choice) or, when too few
-    are, documents joined by blank lines (said in the output)."""
-    rng = random.Random(seed)
-    long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
-    chosen = rng.sample(long_docs, min(n_docs, len(long_docs)))
-    sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen]
-    if len(sequences) < n_docs:
-        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the other "
-              f"{n_docs - len(sequences)} sequences join shorter documents with blank lines")
-    return sequences + [(f"joined documents #{k}", take_haystack(token_file, tok, length, rng))
-                        for k in range(n_docs - len(sequences))]
-
 @torch.no_grad()
 def run_ppl(args, model, tok, d):
     """Perplexity by position: target position p (the p-th token, predicted from tokens 0..p-1) falls
     in bucket p // (length / 16). Losses are summed over every token of every sequence before
     dividing, so the headline and each bucket are token-weighted means (not means of means)."""
     length = max(args.lengths)
-    bucket, token_file = max(1, length // 16), data.build_token_file(args.data, tok, args.cache)
-    sequences = pick_documents(tok, token_file, length, args.docs, args.seed)
+    bucket, rng, token_file = max(1, length // 16), random.Random(args.seed), data.build_token_file(args.data, tok, args.cache)
+    # documents that long (a seeded choice) or, when too few are, documents joined by blank lines
+    long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
+    chosen = rng.sample(long_docs, min(args.docs, len(long_docs)))
+    sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen] + [
+        (f"joined documents #{k}", take_haystack(token_file, tok, length, rng)) for k in range(args.docs - len(chosen))]
+    if len(chosen) < args.docs:
+        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the other "
+              f"{args.docs - len(chosen)} sequences join shorter documents with blank lines")
     n_buckets = math.ceil((length - 1) / bucket)
     sums, counts, items = np.zeros(n_buckets), np.zeros(n_buckets, dtype=np.int64), []
     for name, tokens in tqdm(sequences, desc="ppl", unit="doc", dynamic_ncols=True):
@@ -482,11 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept")
-    p.add_argument("--cp", type=int, default=1, help="split each prompt over this many processes, all of the "
-                   "launch: torchrun --nproc_per_node N eval.py TASK --cp N")
+    p.add_argument("--cp", type=int, default=1, help="split each prompt over all N processes of torchrun")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts, no chat template")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget, part of the length "
-                   "(default: twice the answer's tokens + 8)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget, in the length (default: 2 x answer + 8)")
     p.add_argument("--lengths", help="e.g. 1K,4K,16K (default: window/8, /4, /2, window); ppl uses the largest")
     p.add_argument("--samples", type=int, default=1, help="niah, passkey: items per cell")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah, passkey: needle depths, 0 to 1")
