@@ -9,7 +9,7 @@ built-in tokenizer) of exactly that many tokens, then reports its peak resident 
 minus the resident set before the prefill, so cases do not see each other's allocations.
   prefill: Llama.generate(sample, 1 new token), chunks of 4096 tokens against the KV cache
            (what `eval.py niah` / `ruler` / `passkey` do);
-  ppl:     eval.chunked_token_losses over the same tokens (what `eval.py ppl` does).
+  ppl:     model(tokens, labels, reduction="none") over the same tokens (what `eval.py ppl` does).
 Printed per case: the peak, the KV cache's own size (the linear floor), their ratio, the peak's
 growth against the shortest case next to the length's growth, and the peak's slope beyond the
 shortest case in MiB per 1K tokens next to the KV cache's (linear: constant and close to it;
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
+import rope  # noqa: E402
 
 MiB = 1 << 20
 
@@ -44,16 +45,18 @@ def case(what: str, length: int, cache: str) -> dict:
     m.init_weights(seed=0)
     m.eval()
     tok = data.builtin_tokenizer()
-    haystack = E.Haystack(tok, data.build_token_file(None, tok, cache, log=None))
-    sample = E.make_niah_sample(tok, length, 0.5, seed=0, haystack=haystack, max_new_tokens=1)
+    haystack = data.build_token_file(None, tok, cache, log=None)
+    sample = E.make_sample("niah", tok, length, 0, depth=0.5, haystack=haystack, max_new_tokens=1)
     tokens = sample["tokens"]
     kv_mib = 2 * args.n_layers * len(tokens) * args.n_kv_heads * args.head_dim * 4 / MiB  # k and v, fp32
     before = rss_mib()
     start = time.perf_counter()
     if what == "prefill":
-        m.generate(tokens, 1, prefill_chunk=4096)
+        m.generate(tokens, 1)
     else:
-        E.chunked_token_losses(m, tokens, chunk=4096)
+        with torch.no_grad():
+            x = torch.tensor([tokens])
+            m(x, labels=torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1), reduction="none")
     return {"what": what, "length": length, "peak_mib": rss_mib() - before, "kv_cache_mib": kv_mib,
             "seconds": time.perf_counter() - start}
 
@@ -74,7 +77,7 @@ def main():
     if args.child:
         print(json.dumps(case(args.child[0], int(args.child[1]), args.cache)))
         return
-    lengths = [E.parse_length(x) for x in args.lengths.split(",")]
+    lengths = [rope.parse_size(x) for x in args.lengths.split(",")]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, tiny preset (fp32), NIAH sample, prefill chunk 4096")
     for what in args.what.split(","):
         print(f"\n{what}:")

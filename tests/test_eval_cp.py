@@ -15,6 +15,7 @@ import data
 from gloo import run_on_gloo
 import eval as E
 import model as M
+import rope
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CP = 2
@@ -63,12 +64,6 @@ def test_cp_generation_matches_one_device():
     assert not failures, "\n".join(failures)
 
 
-def test_padding_and_key_runs():
-    assert [E.cp_padded_length(n, 2) for n in (1, 4, 5, 13, 16)] == [4, 4, 8, 16, 16]
-    assert E.runs_of_true(torch.tensor([True, True, False, True])) == [slice(0, 2), slice(3, 4)]
-    assert E.runs_of_true(torch.tensor([False, False])) == []
-
-
 @pytest.mark.parametrize("cp, world, words", [
     (2, 1, "--cp 2 needs 2 processes but 1 were started"),
     (2, 3, "world size 3 is not divisible by --cp 2"),
@@ -76,7 +71,7 @@ def test_padding_and_key_runs():
     (0, 1, "--cp must be at least 1"),
 ])
 def test_cp_launch_that_does_not_fit_is_refused(cp, world, words):
-    with pytest.raises(E.EvalError, match=words):
+    with pytest.raises(rope.UserError, match=words):
         E.check_cp_launch(cp, world)
 
 
