@@ -139,8 +139,8 @@ def needle_prompt(tok, chat: bool, parts: tuple, haystack: list[int], needle: st
     message = head + context + "\n" + question
     tokens, start, lead = prompt_tokens(tok, message, answer_prefix, chat)
     at = len(head) + context.index(f"\n{needle}\n") + 1
-    c0, c1, a, b = [start + len(ids) for ids in tok.encode_batch(
-        [lead + message[:i] for i in (len(head), len(head) + len(context), at, at + len(needle))])]
+    c0, c1, a, b = [start + len(tok.encode(lead + message[:i]))
+                    for i in (len(head), len(head) + len(context), at, at + len(needle))]
     return dict(tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
                 needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
 
