@@ -1,5 +1,6 @@
 """sft.py: the loss covers the assistant's tokens only, averaged over the global batch; data
-parallelism and resuming change nothing; the export carries the chat template."""
+parallelism and resuming change nothing; the export carries the chat template. Every run's working
+directory is a temporary one: sft.py without --model would take a user's out/train/hf from it."""
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import sft
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +65,6 @@ def test_loss_is_the_mean_over_assistant_tokens_only():
 def test_conversation_weighting_is_the_mean_of_each_conversations_mean():
     """--loss-weighting conversation: two rows of packed conversations, each conversation's mean
     answer loss computed alone, then averaged over conversations (LongAlign's loss weighting)."""
-    import train
     tok = data.load_tokenizer(None)
     convs = [c["messages"] for c in conversations()[:6]]
     dataset = data.ChatDataset([(convs, 1.0)], tok, max_len=512, seed=0, doc_mask=True, log=None)
@@ -96,8 +98,8 @@ def sft_cmd(chat_file, out, nproc=1, extra=()):
             "--no-activation-checkpointing", *extra]
 
 
-def run(cmd):
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run(cmd, cwd):
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -110,13 +112,13 @@ def losses(out):
 @pytest.fixture(scope="module")
 def single(chat_file):
     out = chat_file.parent / "single"
-    run(sft_cmd(chat_file, out, extra=["--save-every", "2"]))
+    run(sft_cmd(chat_file, out, extra=["--save-every", "2"]), chat_file.parent)
     return out
 
 
 def test_data_parallel_gives_the_same_losses_for_uneven_conversations(chat_file, single):
     out = chat_file.parent / "dp2"
-    run(sft_cmd(chat_file, out, nproc=2))
+    run(sft_cmd(chat_file, out, nproc=2), chat_file.parent)
     expected, got = losses(single), losses(out)
     assert len({tokens for _, tokens in expected.values()}) > 1  # the batches really are uneven
     for step in expected:
@@ -126,8 +128,8 @@ def test_data_parallel_gives_the_same_losses_for_uneven_conversations(chat_file,
 
 def test_conversation_weighting_gives_the_same_losses_with_data_parallel(chat_file):
     one, two = chat_file.parent / "conv1", chat_file.parent / "conv2"
-    run(sft_cmd(chat_file, one, extra=["--loss-weighting", "conversation"]))
-    run(sft_cmd(chat_file, two, nproc=2, extra=["--loss-weighting", "conversation"]))
+    run(sft_cmd(chat_file, one, extra=["--loss-weighting", "conversation"]), chat_file.parent)
+    run(sft_cmd(chat_file, two, nproc=2, extra=["--loss-weighting", "conversation"]), chat_file.parent)
     expected, got = losses(one), losses(two)
     assert expected != losses(chat_file.parent / "single")  # a different loss from the token mean
     for step in expected:
@@ -136,7 +138,7 @@ def test_conversation_weighting_gives_the_same_losses_with_data_parallel(chat_fi
 
 def test_conversation_weighting_refuses_context_parallel(chat_file, tmp_path):
     result = subprocess.run(sft_cmd(chat_file, tmp_path, extra=["--loss-weighting", "conversation", "--cp", "2"]),
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "--loss-weighting conversation" in result.stdout + result.stderr
 
 
@@ -144,7 +146,7 @@ def test_resume_equals_uninterrupted(chat_file, single):
     out = chat_file.parent / "resumed"
     shutil.copytree(single, out)
     shutil.rmtree(out / "checkpoints" / "step_00000004")  # as if the run died after step 2's save
-    run(sft_cmd(chat_file, out, extra=["--save-every", "2", "--resume"]))
+    run(sft_cmd(chat_file, out, extra=["--save-every", "2", "--resume"]), chat_file.parent)
     expected, got = losses(single), losses(out)
     for step in (3, 4):
         assert abs(got[step][0] - expected[step][0]) <= 1e-6 * expected[step][0]
@@ -164,7 +166,28 @@ def test_bad_records_stop_with_a_sentence_or_are_skipped_and_counted(chat_file, 
     lines = chat_file.read_text().splitlines()
     lines.insert(2, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
     bad.write_text("\n".join(lines) + "\n")
-    result = subprocess.run(sft_cmd(bad, tmp_path / "o1"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(sft_cmd(bad, tmp_path / "o1"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "line 3" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    result = run(sft_cmd(bad, tmp_path / "o2", extra=["--skip-bad", "--steps", "1"]))
+    result = run(sft_cmd(bad, tmp_path / "o2", extra=["--skip-bad", "--steps", "1"]), tmp_path)
     assert "1 bad skipped" in result.stdout
+
+
+def test_synthetic_chat_is_deterministic_with_disjoint_exact_answers():
+    train_set, test_set = sft.synthetic_chat(300, seed=0), sft.synthetic_chat(50, seed=0, split="test")
+    assert train_set == sft.synthetic_chat(300, seed=0) and train_set != sft.synthetic_chat(300, seed=1)
+    assert not {c[-1]["content"] for c in train_set} & {c[-1]["content"] for c in test_set}
+    for question, answer in train_set + test_set:
+        assert question["content"] == f"Repeat: {answer['content']}" and len(answer["content"]) == sft.SYNTHETIC_WORD
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-len", "0"], "--max-len must be at least 1, not 0"),
+    (["--steps", "0"], "--steps must be at least 1, not 0"),
+    (["--heldout", "-1"], "--heldout must be at least 0, not -1"),
+])
+def test_bad_flags_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # no out/train/hf here: the tiny preset
+    monkeypatch.setattr(train, "prepare", lambda *a: pytest.fail("loaded despite a bad flag"))
+    with pytest.raises(SystemExit, match="^error: " + message):
+        train.main([*args, "--out", str(tmp_path / "out")], run=sft.run, parser=sft.build_parser,
+                   defaults=sft.fill_defaults)

@@ -1,7 +1,9 @@
 """train.py end to end on CPU: context and data parallelism reproduce the single-process losses,
-a killed run resumes to the same losses, the export loads in transformers, bad input is refused."""
+a killed run resumes to the same losses, the export loads in transformers, bad input is refused.
+Every run's working directory is a temporary one: nothing depends on what a user's runs left."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +11,8 @@ import time
 
 import pytest
 import torch
+
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -34,8 +38,8 @@ def train_cmd(tmp, out, nproc=1, extra=(), activation_checkpointing=False):
             "--activation-checkpointing" if activation_checkpointing else "--no-activation-checkpointing"]
 
 
-def run(cmd, **kw):
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+def run(cmd, cwd):
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -50,7 +54,9 @@ def reference(tmp_path_factory):
     """The uninterrupted single-process run every other run is compared with."""
     tmp = tmp_path_factory.mktemp("train")
     write_corpus(tmp / "corpus.jsonl")
-    run(train_cmd(tmp, tmp / "single", extra=["--save-every", "2"]))
+    result = run(train_cmd(tmp, tmp / "single", extra=["--save-every", "2"]), tmp)
+    # one process saves its checkpoints without a process group: no torch warning about it, only our lines
+    assert "Warning" not in result.stderr, result.stderr
     return tmp
 
 
@@ -62,22 +68,22 @@ def assert_same_losses(got, expected, steps):
 @pytest.mark.parametrize("layout", [["--cp", "2"], ["--cp", "1"]], ids=["cp2", "dp2"])
 def test_two_processes_reproduce_single_process_losses(reference, layout):
     out = reference / f"two_{layout[1]}"
-    run(train_cmd(reference, out, nproc=2, extra=layout))
+    run(train_cmd(reference, out, nproc=2, extra=layout), reference)
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 
 
 def test_cp2_with_document_mask_and_activation_checkpointing(reference):
     single, ring = reference / "docmask1", reference / "docmask2"
     extra = ["--doc-mask", "--steps", "3"]
-    run(train_cmd(reference, single, extra=extra))
-    run(train_cmd(reference, ring, nproc=2, extra=[*extra, "--cp", "2"], activation_checkpointing=True))
+    run(train_cmd(reference, single, extra=extra), reference)
+    run(train_cmd(reference, ring, nproc=2, extra=[*extra, "--cp", "2"], activation_checkpointing=True), reference)
     assert_same_losses(losses(ring), losses(single), range(1, 4))
     assert losses(single)[1] != pytest.approx(losses(reference / "single")[1], rel=1e-4)  # the mask matters
 
 
 def test_sigkill_then_resume_gives_the_same_losses(reference):
     out = reference / "killed"
-    proc = subprocess.Popen(train_cmd(reference, out, extra=["--save-every", "2"]), cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(reference, out, extra=["--save-every", "2"]), cwd=reference,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "checkpoints" / "step_00000002" / "trainer_state.json"
     deadline = time.time() + 300
@@ -87,8 +93,15 @@ def test_sigkill_then_resume_gives_the_same_losses(reference):
     proc.wait()
     # a save that was cut short must not be mistaken for a checkpoint
     (out / "checkpoints" / "step_00000099.tmp").mkdir(parents=True)
-    run(train_cmd(reference, out, extra=["--save-every", "2", "--resume"]))
+    run(train_cmd(reference, out, extra=["--save-every", "2", "--resume"]), reference)
     assert_same_losses(losses(out), losses(reference / "single"), range(3, STEPS + 1))
+
+
+def test_keeps_two_checkpoints_and_no_mfu_without_a_known_peak(reference):
+    """KEEP = 2 complete checkpoints survive; on CPU there is no datasheet peak, so MFU is null."""
+    assert sorted(os.listdir(reference / "single" / "checkpoints")) == ["step_00000004", "step_00000006"]
+    with open(reference / "single" / "metrics.jsonl") as f:
+        assert all(json.loads(line)["mfu"] is None for line in f)
 
 
 def test_export_loads_in_transformers_with_our_logits(reference):
@@ -116,7 +129,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out),
            *[a.replace("{tmp}", str(tmp_path)) for a in args]]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not out.exists()
@@ -128,5 +141,23 @@ def test_model_directory_without_weights(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(M.hf_config(M.preset("tiny"), torch.float32)))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", str(tmp_path / "m"),
-                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "has no weights" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ctx", "0"], "--ctx must be at least 1, not 0"),
+    (["--steps", "0"], "--steps must be at least 1, not 0"),
+    (["--batch", "0"], "--batch must be at least 1, not 0"),
+    (["--lr", "-1"], "--lr must be a positive number, not -1.0"),
+    (["--tokens", "0"], "--tokens must be at least 1, not 0"),
+    (["--save-every", "-1"], "--save-every must be at least 0, not -1"),
+    (["--ctx", "1M", "--cp", "3"], "world size 1 is not divisible by --cp 3"),
+])
+def test_bad_flags_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    monkeypatch.setattr(train, "prepare", lambda *a: loaded.append(a))  # the step that would load
+    with pytest.raises(SystemExit, match="^error: " + re.escape(message)):
+        train.main([*args, "--out", str(tmp_path / "out")])
+    assert not loaded and not os.listdir(tmp_path)
