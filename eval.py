@@ -505,7 +505,7 @@ def fill_defaults(args, window: int):
               f"tokens (max_position_embeddings in its config.json); expect lower scores", file=sys.stderr)
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # the path may follow the options
     world, d = int(os.environ.get("WORLD_SIZE", "1")), None
     reporting = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone prints and writes
     try:
