@@ -29,7 +29,6 @@ DEFAULT_BLOCK_SIZE = 16384
 # Query rows per step of the math path: (B, H, 128, Tk) fp32 scores = 256 MiB at 32 heads x 16K keys
 MATH_ROWS = 128
 
-
 def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
     """Plain softmax attention, every score materialised (for tests). q (B, Tq, H, D), k/v (B,
     Tk, KV, D), doc_ids (B, Tk) or None; causal: the queries are the LAST Tq keys, query i sees
@@ -60,7 +59,6 @@ def _heads(*xs):  # (B, T, heads, D) -> head-major (B, heads, T, D) views of the
 
 def _finite_or_zero(lse):  # -inf -> 0, so that exp(-inf - lse) is 0 rather than NaN
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-
 
 # One block: q (B, H, Tq, D) against k/v (B, KV, Tk, D), head-major. `causal` is only ever used
 # for square diagonal blocks (same positions), where PyTorch's top-left aligned causal mask and the
@@ -109,7 +107,6 @@ def _math_rows(q, k, scale, causal, mask, lse=None):
 
 def _grouped(x, rows, n_kv_heads):  # x[:, :, rows] (B, H, rows, ...) as (B, KV, G, rows, ...)
     return x[:, :, rows].float().unflatten(1, (n_kv_heads, -1))
-
 
 # The fused kernels. CPU: PyTorch's flash kernel for CPU, with the KV heads of ONE block repeated
 # (a block-sized copy, after any communication) and their gradients summed back: given fewer KV
@@ -242,7 +239,6 @@ def _check_attention_inputs(q, k, v, doc_ids, block_size):
                          f", got {tuple(doc_ids.shape)}.")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
-
 
 # Ring attention: P ranks each hold 2 of the 2P chunks of the sequence (the zigzag layout, below)
 # and keep their queries; the K/V blocks travel around the ring, one hop per step, the next one's
@@ -377,7 +373,6 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _RingAttention.apply(q, k, v, doc_ids, group, dist.get_rank(group), world_size,
                                 causal, scale, block_size)
-
 
 # Causal attention is triangular: P consecutive pieces would give the last rank P times the work
 # of the first. 2P chunks, rank r holding chunks r and 2P-1-r, pair a cheap chunk with an

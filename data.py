@@ -12,23 +12,10 @@ An item is {"tokens", "labels", "positions", "doc_ids"}, int64 (ctx,); a batch s
 (batch_size, ctx // cp_size). A bad input raises rope.UserError naming the file and line.
 """
 
-import array
-import functools
-import glob
-import gzip
-import hashlib
-import json
-import math
-import os
-import pathlib
-import re
-import shutil
-import sysconfig
-import uuid
+import array, functools, glob, gzip, hashlib, json, math, os, pathlib, re, shutil, sysconfig, uuid
 
 import numpy as np
-import tokenizers
-import torch
+import tokenizers, torch
 
 from attention import zigzag_ranges
 from model import atomic_write
@@ -53,7 +40,6 @@ BUILTIN_VOCAB_SIZE = 256 + len(LLAMA3_SPECIAL_TOKENS)  # 512: the model's `tiny`
 # format_chat produces its tokens in Python (tests render it with transformers and compare).
 LLAMA31_CHAT_TEMPLATE = pathlib.Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
 
-
 def _builtin_backend():
     """A real `tokenizers` byte-level BPE with no merges: byte b is id b, specials are 256..511."""
     # GPT-2's byte -> printable character table, which the ByteLevel pre-tokenizer uses.
@@ -67,18 +53,14 @@ def _builtin_backend():
                                 for t in LLAMA3_SPECIAL_TOKENS])
     return backend
 
-
 def _sha256(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-
 _BUILTIN_IDENTITY = _sha256(_builtin_backend().to_str())
-
 
 def _write_json(path, obj):
     text = json.dumps(obj, indent=2, ensure_ascii=False)
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the chat template the recipe needs."""
@@ -150,14 +132,12 @@ class Tokenizer:
         template = {} if self.chat_template is None else {"chat_template": self.chat_template}
         _write_json(os.path.join(out_dir, "tokenizer_config.json"), {**self.config, **template})
 
-
 def builtin_tokenizer():
     """The offline default: 256 byte ids then Llama 3's 256 special tokens (vocab_size 512)."""
     return Tokenizer(_builtin_backend(), {  # the config is shaped like Llama-3.1-8B-Instruct's
         "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA31_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
         "tokenizer_class": "PreTrainedTokenizerFast"})
-
 
 def load_tokenizer(model_dir):
     """Reads `model_dir/tokenizer.json` (+ tokenizer_config.json); None gives the built-in one."""
@@ -175,7 +155,6 @@ def load_tokenizer(model_dir):
         template = jinja_path.read_text(encoding="utf-8")
     config = {**config, **({} if template is None else {"chat_template": template})}
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), config, source_dir=model_dir)
-
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 
@@ -216,7 +195,6 @@ def _chat_pieces(tok, messages, add_generation_prompt):
         pieces += [(start, False), ("assistant", 0, False), (end, False), ("\n\n", 0, False)]
     return pieces
 
-
 def _encode_pieces(tok, conversations):
     """Encodes many conversations' pieces in one batch; returns (tokens, mask) per conversation."""
     encoded = iter(tok.encode_split([(p[0], p[1]) for pieces in conversations for p in pieces if len(p) == 3]))
@@ -230,13 +208,11 @@ def _encode_pieces(tok, conversations):
         out.append((tokens, mask))
     return out
 
-
 def format_chat(tok, messages, add_generation_prompt=False):
     """Llama 3.1 chat formatting: (tokens, mask), mask True on the assistant's content + <|eot_id|>.
     The tokens of `apply_chat_template` with Llama 3.1's template (or Llama 3's: no system preamble),
     with one deliberate difference: special-token strings typed inside a message stay plain text."""
     return _encode_pieces(tok, [_chat_pieces(tok, messages, add_generation_prompt)])[0]
-
 
 # --- Stage 1: files -> documents ------------------------------------------------------------------
 
@@ -248,7 +224,6 @@ def builtin_corpus_files():
         subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
         files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(".py")]
     return files
-
 
 def _expand_inputs(paths):
     """Files, directories (recursively, hidden names skipped) and globs -> a list of files."""
@@ -265,7 +240,6 @@ def _expand_inputs(paths):
             files += sorted(found)
     return files
 
-
 class _BadRecords:
     """The one bad-record policy: raise, or with skip_bad count them and keep a few for the log."""
 
@@ -278,10 +252,8 @@ class _BadRecords:
         self.count += 1
         self.examples = (self.examples + [message])[:BAD_EXAMPLES]
 
-
 def _open(path):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
 
 def read_jsonl(path, bad=None):
     """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
@@ -303,7 +275,6 @@ def read_jsonl(path, bad=None):
                 raise UserError(f"{path} line {n}: {problem}")
             else:
                 bad(f"{path} line {n}: {problem}")
-
 
 def _documents(files, bad, builtin):
     """Yields (text, domain) for every document, streaming: each line of a JSONL file (.jsonl,
@@ -340,7 +311,6 @@ def _documents(files, bad, builtin):
             domain = "stdlib-tests" if {"test", "tests"} & set(parts) or parts[-1].startswith("test_") else "stdlib"
         yield text, domain
 
-
 # --- Stage 1: documents -> token file -------------------------------------------------------------
 
 class TokenFile:
@@ -365,7 +335,6 @@ class TokenFile:
 
     def __repr__(self):
         return f"{self.path} ({self.n_docs} documents, {self.n_tokens} tokens)"
-
 
 def write_token_file(out_dir, batches, stats=dict):
     """Writes batches of (flat uint32 ids, lengths, domain names) as tokens.u32 (every id, flat),
@@ -396,7 +365,6 @@ def write_token_file(out_dir, batches, stats=dict):
             raise
     return TokenFile(out_dir)
 
-
 def _encode_batches(documents, tok):
     """(text, domain) pairs -> write_token_file's batches, each small enough to bound memory."""
     texts, domains, chars = [], [], 0
@@ -409,7 +377,6 @@ def _encode_batches(documents, tok):
             texts, domains, chars = [], [], 0
     if texts:
         yield *tok.encode_flat(texts), domains
-
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run.
@@ -437,7 +404,6 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
         for example in bad.examples:
             log(f"  skipped: {example}")
     return token_file
-
 
 # --- Stage 1: length-based sampling ---------------------------------------------------------------
 
@@ -487,7 +453,6 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
             f"{short}-{long} / above {long} tokens: before {by_length(lengths)}, after {by_length(lengths[order])}")
     return order
 
-
 # --- Stage 1: packing with separators -------------------------------------------------------------
 
 def separator_ids(tok, separator="<s>"):
@@ -498,25 +463,21 @@ def separator_ids(tok, separator="<s>"):
         raise UserError(f"unknown separator {separator!r}; expected one of {', '.join(ids)}")
     return ids[separator]
 
-
 def _empty_batch(*shape):
     """Four int64 tensors to fill, allocated by numpy: for tens of MB it asks the kernel for huge
     pages, which fill several times faster here than torch.empty's fresh 4 KB pages."""
     return {key: torch.from_numpy(np.empty(shape, dtype=np.int64)) for key in BATCH_KEYS}
-
 
 @functools.lru_cache(maxsize=2)
 def _count_up(n):
     """0, 1, ..., n-1, kept: copying it is ~2x faster than computing it for every 4M-token read."""
     return np.arange(n)
 
-
 def _pread(f, out, first_token):
     """Fills the uint32 array `out` from the token file at token `first_token`: unlike reading
     through the memmap, nothing stays mapped, so resident memory does not grow."""
     if os.preadv(f.fileno(), [out], first_token * 4) != out.nbytes:
         raise UserError(f"the token file {f.name} ended before token {first_token + len(out)}")
-
 
 class PackedDataset:
     """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
@@ -585,7 +546,6 @@ class PackedDataset:
             positions[real:] -= start + real
         return out
 
-
 # --- Stage 2: chat data ---------------------------------------------------------------------------
 
 def _record_pieces(tok, record):
@@ -610,7 +570,6 @@ def _record_pieces(tok, record):
         raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
     return pieces
 
-
 def _read_chat(sources, tok, bad):
     """Every source's records as pieces, and the source of each. A source is a JSONL path or glob,
     or an in-memory list of records."""
@@ -630,7 +589,6 @@ def _read_chat(sources, tok, bad):
                 bad(f"{where}: {e}")
     return pieces, np.asarray(source_of, dtype=np.int64)
 
-
 def _blend(weights, source_of, usable, seed):
     """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
     usable conversation of the source, plus a seeded fraction of them."""
@@ -646,7 +604,6 @@ def _blend(weights, source_of, usable, seed):
         raise UserError("the weights leave no conversations to train on")
     return blend
 
-
 def _next_fit(lengths, max_len):
     """Row bounds of packing in order: a conversation that does not fit starts the next row."""
     bounds, used = [0], 0
@@ -656,7 +613,6 @@ def _next_fit(lengths, max_len):
             used = 0
         used += length
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
-
 
 class ChatDataset:
     """Chat records, blended by weight, formatted as format_chat does and packed into padded rows.
@@ -728,7 +684,6 @@ class ChatDataset:
         for key, row in zip(BATCH_KEYS, (tokens, labels, positions, doc_ids)):
             out[key].numpy()[:] = row[start:stop]
         return out
-
 
 # --- Loader ---------------------------------------------------------------------------------------
 

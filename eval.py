@@ -11,19 +11,7 @@ A length counts the model's own tokens: the whole prompt (chat frame, haystack, 
 answer prefix) plus the generation budget. Every run writes OUT/results.json: settings, one record
 per item (prediction and scores, never the prompt) and the aggregate.
 """
-import argparse
-import collections
-import contextlib
-import hashlib
-import json
-import math
-import os
-import pathlib
-import random
-import re
-import string
-import sys
-import time
+import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, time
 from functools import partial
 
 import numpy as np
@@ -31,11 +19,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import attention
-import data
+import attention, data
 import model as M
-import rope
-import train
+import rope, train
 from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens

@@ -2,10 +2,7 @@
 loss (Llama.forward: mean, sum or per token, never full-vocabulary logits), one greedy decoder, strict
 loading and saving of (sharded) safetensors in the Hugging Face layout. The model is pure, no process
 groups, no FSDP: context parallelism swaps the attention function in from outside (set_attention)."""
-import json
-import os
-import pathlib
-import shutil
+import json, os, pathlib, shutil
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -33,7 +30,6 @@ HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn
                   "ffn_norm": "post_attention_layernorm"}
 FIXED_FIELDS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "partial_rotary_factor": 1}
 
-
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -55,7 +51,6 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads != 0:
             raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
-
 LLAMA31_ROPE = RopeSettings(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192)
 LLAMA32_ROPE = replace(LLAMA31_ROPE, factor=32.0)
 PRESETS = {
@@ -69,12 +64,10 @@ PRESETS = {
                       rope=RopeSettings(theta=10000.0, original_max_position=512), bos_id=256, eos_id=257),
 }
 
-
 def preset(name: str) -> ModelArgs:
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[name], rope=replace(PRESETS[name].rope))
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -85,7 +78,6 @@ class RMSNorm(nn.Module):
         # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
 
 class KVCache:
     """One layer's keys and values, preallocated for prompt + new tokens only (Llama 3.1 8B costs
@@ -99,7 +91,6 @@ class KVCache:
         start, self.length = self.length, self.length + k.shape[1]
         self.k[:, start:self.length], self.v[:, start:self.length] = k, v  # a shape error if it overflows
         return self.k[:, :self.length], self.v[:, :self.length]
-
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -122,7 +113,6 @@ class Attention(nn.Module):
         out = self.attention_fn(q, k, v, causal=True, doc_ids=doc_ids)  # (B, T, H, D); GQA: k/v not copied
         return self.wo(out.reshape(B, T, -1))
 
-
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -132,7 +122,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -144,11 +133,9 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
-
 def loss_chunk_size(vocab_size: int) -> int:
     # ~128M logits per chunk: 512 MiB in fp32 (1046 tokens for Llama 3's vocabulary)
     return max(1, (1 << 27) // vocab_size)
-
 
 @torch.no_grad()
 def chunked_cross_entropy(h, weight, labels, chunk_size: int, token_weights=None, need_grad: bool = False):
@@ -176,7 +163,6 @@ def chunked_cross_entropy(h, weight, labels, chunk_size: int, token_weights=None
             grad_w += (grad_logits.T @ h[rows]).float()
     return losses, grad_h, grad_w
 
-
 class ChunkedCrossEntropy(torch.autograd.Function):
     """sum(losses * token_weights) (sft.py's per-conversation weighting; None = 1). Full logits at 128K
     tokens x 128256 vocab are 62 GiB in fp32; here one chunk exists at a time, and the gradients are
@@ -193,7 +179,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None, None
-
 
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -308,7 +293,6 @@ class Llama(nn.Module):
         save_hf_checkpoint(path, self.args, self.state_dict(), source_dir=self.source_dir,
                            max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
 
-
 def read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
@@ -317,7 +301,6 @@ def read_hf_config(path: str) -> dict:
         return json.loads(pathlib.Path(config_path).read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path} is not valid JSON ({e})") from None
-
 
 def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     """ModelArgs from config.json; a missing required field or an unimplemented FIXED_FIELDS value is named."""
@@ -333,13 +316,11 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     values["n_kv_heads"] = values["n_kv_heads"] or values["n_heads"]
     return ModelArgs(**values, rope=rope.from_hf(config, source))
 
-
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     # max_position_embeddings = our window: serving engines refuse longer requests without overrides
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **FIXED_FIELDS,
             **{name: getattr(args, ours) for ours, name in HF_NAMES.items()},
             **rope.to_hf(args.rope, args.head_dim), "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
-
 
 def hf_key_map(args: ModelArgs) -> dict[str, str]:
     """Our parameter names -> the Hugging Face names, from the explicit HF_LAYER_NAMES table."""
@@ -348,7 +329,6 @@ def hf_key_map(args: ModelArgs) -> dict[str, str]:
         keys["output.weight"] = "lm_head.weight"
     return keys | {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
                    for i in range(args.n_layers) for ours, hf in HF_LAYER_NAMES.items()}
-
 
 def read_safetensors(path: str):
     """Yield (name, tensor, filename) from model.safetensors or the shards an index lists.
@@ -367,7 +347,6 @@ def read_safetensors(path: str):
         with safe_open(full, framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key), full
-
 
 def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir: str | None = None,
                        max_shard_bytes: int = 5 << 30, tokenizer=None):
@@ -401,10 +380,8 @@ def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir:
     config = hf_config(args, tensors["model.embed_tokens.weight"].dtype)
     atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
 
-
 def write_json(path: str, obj):
     pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-
 
 def atomic_write(path: str, write):
     """The one atomic write: write(tmp) fills a temporary file beside `path`, which is renamed over
@@ -417,12 +394,10 @@ def atomic_write(path: str, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def count_params(args: ModelArgs, embeddings: bool = True) -> int:
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     total = args.n_layers * (attn + 3 * args.dim * args.ffn_dim + 2 * args.dim) + args.dim  # + the norms
     return total + (args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) if embeddings else 0)
-
 
 def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul parameter plus

@@ -13,10 +13,8 @@ HF_FIELDS = {"default": {"rope_type", "type", "rope_theta"},  # the config field
              "llama3": _SCALED | {"low_freq_factor", "high_freq_factor"},
              "yarn": _SCALED | {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}}
 
-
 class UserError(ValueError):
     """A user's mistake (a flag, file, line or config field), printed as one sentence, no traceback."""
-
 
 @dataclass
 class RopeSettings:
@@ -44,16 +42,13 @@ class RopeSettings:
             return 1.0
         return float(self.attention_factor) if self.attention_factor is not None else yarn_mscale(self.factor)
 
-
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     # YaRN's sqrt(1/t) = 0.1 ln(s) + 1, no temperature for s <= 1 (DeepSeek scales 0.1 by `mscale`)
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
-
 def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (d/2,)
     return 1.0 / (theta ** exponents)
-
 
 def llama3_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by factor, short ones kept, a smooth blend between."""
@@ -64,7 +59,6 @@ def llama3_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = ~(wavelen < L / s.high_freq_factor) * ~(wavelen > L / s.low_freq_factor)
     return torch.where(is_medium, smoothed, scaled)
-
 
 def yarn_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     """Dimensions rotating more than beta_fast times in the original window keep their frequency (keep = 1:
@@ -81,11 +75,9 @@ def yarn_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     keep = 1 - torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # a ramp
     return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
-
 def ntk_theta(s: RopeSettings, head_dim: int) -> float:
     # NTK-aware: raise the base so the slowest dimension is stretched by s, the fastest barely
     return s.theta * s.factor ** (head_dim / (head_dim - 2))
-
 
 def inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     """The d/2 inverse frequencies, fp32, computed with transformers' operations in its order."""
@@ -93,13 +85,11 @@ def inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
         return llama3_inv_freq(s, head_dim) if s.kind == "llama3" else yarn_inv_freq(s, head_dim)
     return default_inv_freq(ntk_theta(s, head_dim) if s.kind == "ntk" else s.theta, head_dim)
 
-
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mscale: float = 1.0, dtype=torch.float32):
     """cos, sin (*positions.shape, d) of the global positions held times inv_freq; mscale multiplies both."""
     angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device, torch.float64)  # (..., d/2)
     angles = torch.cat((angles, angles), dim=-1)  # (..., d): the half-split layout of HF checkpoints
     return (angles.cos() * mscale).to(dtype), (angles.sin() * mscale).to(dtype)
-
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, heads, d) by cos/sin (B, T, d), pairing dimension i with i + d/2 (HF
@@ -108,7 +98,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)  # broadcast over heads
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
 
 def from_hf(config: dict, source: str = "config.json") -> RopeSettings:
     """RopeSettings from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5). An omitted
@@ -140,7 +129,6 @@ def from_hf(config: dict, source: str = "config.json") -> RopeSettings:
                         beta_slow=float(scaling.get("beta_slow") or 1), attention_factor=attention,
                         truncate=bool(scaling.get("truncate", True)))
 
-
 def to_hf(s: RopeSettings, head_dim: int) -> dict:
     """`rope_theta` and `rope_scaling` with every field spelled out (engines disagree on defaults);
     NTK is exported as what it is, plain RoPE with a larger theta."""
@@ -151,7 +139,6 @@ def to_hf(s: RopeSettings, head_dim: int) -> dict:
     yarn = dict(beta_fast=s.beta_fast, beta_slow=s.beta_slow, attention_factor=s.mscale, truncate=s.truncate)
     return {"rope_theta": s.theta, "rope_scaling": {**scaling, **(llama3 if s.kind == "llama3" else yarn)}}
 
-
 def parse_size(text: str | int) -> int:
     """'4M' -> 4194304, '128K' -> 131072, '512' -> 512 (binary K/M/G, as the paper's 1M/2M/4M)."""
     units, t = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, str(text).strip().upper()
@@ -159,7 +146,6 @@ def parse_size(text: str | int) -> int:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
         raise UserError(f"cannot read size {text!r}; use a number with an optional K, M or G suffix, as 4M") from None
-
 
 def extend_settings(base: RopeSettings, ctx: int, kind: str = "yarn", original_max_position: int | None = None,
                     beta_fast: float = 4.0, beta_slow: float = 1.0) -> RopeSettings:

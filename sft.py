@@ -13,22 +13,16 @@ tokens of the whole global batch, so a short answer weighs as much as a token of
 The model's RoPE (YaRN from stage 1) and window are kept: short SFT does not undo the long window.
 """
 
-import hashlib
-import json
-import os
-import pathlib
-import random
+import hashlib, json, os, pathlib, random
 
 import torch
 
 import data
 import model as M
-import rope
-import train
+import rope, train
 from train import print0
 
 SYNTHETIC_WORD = 2  # letters of the word to copy (answers never seen in training: the copy must generalise)
-
 
 def build_parser():
     p = train.common_parser("Stage 2: instruction tuning on chat data (see README)")
@@ -44,7 +38,6 @@ def build_parser():
     p.add_argument("--heldout", type=int, default=40, help="held-out SYNTHETIC prompts scored before and after "
                                                            "(single process only; 0: skip)")
     return p
-
 
 def fill_defaults(args):
     """The paper's stage 2 for a real model; scaled down for the tiny CPU demo."""
@@ -64,7 +57,6 @@ def fill_defaults(args):
     train.check_flags(args, "--max-len")
     return args
 
-
 def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dict]]:
     """n SYNTHETIC conversations (made by code, not real chat data) for the CPU demo: copy a random
     word of SYNTHETIC_WORD letters. split="test" draws from a held-out tenth of the words (by a hash),
@@ -75,7 +67,6 @@ def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dic
         if (hashlib.blake2b(word.encode(), digest_size=8).digest()[0] % 10 == 0) == (split == "test"):
             out.append([{"role": "user", "content": f"Repeat: {word}"}, {"role": "assistant", "content": word}])
     return out
-
 
 def chat_sources(paths, seed):
     """[(source, weight)] from 'path[:weight]' arguments, or the built-in synthetic set."""
@@ -89,7 +80,6 @@ def chat_sources(paths, seed):
         except ValueError:  # a colon that is part of the path
             sources.append((spec, 1.0))
     return sources
-
 
 @torch.no_grad()
 def heldout_scores(model, tok, conversations) -> dict:
@@ -107,7 +97,6 @@ def heldout_scores(model, tok, conversations) -> dict:
         loss_count += int((labels != -100).sum())
     model.train()
     return {"exact_match": correct / len(conversations), "answer_loss": loss_sum / max(1, loss_count)}
-
 
 def run(args):
     d = train.prepare(args)
@@ -130,7 +119,6 @@ def run(args):
                   f"{after['exact_match']:.0%}, answer loss {before['answer_loss']:.3f} -> {after['answer_loss']:.3f}")
         report = json.dumps({"heldout_prompts": len(heldout), "before": before, "after": after}, indent=2)
         M.atomic_write(os.path.join(args.out, "heldout.json"), lambda tmp: pathlib.Path(tmp).write_text(report))
-
 
 if __name__ == "__main__":
     train.main(run=run, parser=build_parser, defaults=fill_defaults)

@@ -8,21 +8,14 @@ One flat loop (nanoGPT-style), which sft.py runs too, parallelised with what PyT
 and ring attention (attention.py) on the cp sub-group.
 """
 
-import argparse
-import json
-import math
-import os
-import shutil
-import time
-import warnings
+import argparse, json, math, os, shutil, time, warnings
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-import attention
-import data
+import attention, data
 import model as M
 import rope
 from rope import UserError
@@ -37,7 +30,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16, from the datasheets (fp32 runs TF32: half)
 PLAN_MFU = 0.4  # --plan's time estimate assumes this model FLOPs utilisation
 PLAN_GPU_MEMORY = 80 * 2 ** 30  # --plan away from a GPU plans for an 80 GiB H100
-
 
 # --- Command line ---------------------------------------------------------------------------------
 
@@ -62,7 +54,6 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.set_defaults(loss_weighting="token", world=None)  # options of one stage only
     return p
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser("Stage 1: continued pretraining with YaRN on long packed documents (see README)")
     p.set_defaults(out="out/train")
@@ -78,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, help="world size for --plan (default: the current one)")
     return p
 
-
 def fill_defaults(args):
     """The paper's stage 1 when --model is given; the same recipe scaled down for the tiny demo."""
     tiny = args.model is None
@@ -91,7 +81,6 @@ def fill_defaults(args):
     if args.steps is None:
         args.steps = 32 if tiny and not args.tokens else math.ceil(tokens / (args.batch * args.ctx))
     return args
-
 
 def check_flags(args, ctx_flag: str, more=()):
     """Refuses a bad value right after parsing, with a sentence naming the flag, before any model or data
@@ -116,7 +105,6 @@ def check_flags(args, ctx_flag: str, more=()):
     if args.resume and not checkpoint_dirs(args.out):
         raise UserError(f"--resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
 
-
 # --- Distributed setup ----------------------------------------------------------------------------
 
 @dataclass
@@ -136,7 +124,6 @@ class Dist:
     def is_main(self):
         return self.rank == 0
 
-
 def setup_distributed(cp: int) -> Dist:
     """Joins torchrun's process group (NCCL on GPUs, gloo on CPU) and its (dp, cp) mesh; alone, nothing."""
     world, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
@@ -154,22 +141,18 @@ def setup_distributed(cp: int) -> Dist:
     return Dist(dist.get_rank(), world, device, world // cp, cp, mesh["dp"].get_local_rank(),
                 mesh["cp"].get_local_rank(), mesh["cp"].get_group(), init_device_mesh(device.type, (world,)))
 
-
 def print0(d: Dist, *args, **kwargs):
     if d.is_main:
         print(*args, **kwargs, flush=True)
-
 
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
-
 def barrier(d: Dist):
     if d.world > 1:
         dist.barrier()
-
 
 # --- The model, its loss weights and its learning rate --------------------------------------------
 
@@ -206,7 +189,6 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model.to(d.device)
 
-
 def model_tokenizer(args, model: M.Llama):
     """The model's tokenizer; a tiny model from random weights takes the built-in one, whose ids go
     into its config (config.json's bos/eos, for serving tools)."""
@@ -214,7 +196,6 @@ def model_tokenizer(args, model: M.Llama):
     if args.model is None:
         model.args.bos_id, model.args.eos_id = tokenizer.bos_id, list(tokenizer.stop_ids)
     return tokenizer
-
 
 def label_weights(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) fp32 weights of sft.py --loss-weighting conversation (LongAlign's): a labelled token weighs
@@ -228,14 +209,12 @@ def label_weights(labels: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     weights[trained] = 1.0 / counts[inverse].float()
     return weights
 
-
 def get_lr(step: int, args) -> float:
     warmup = max(1, int(LR_WARMUP * args.steps))
     if step < warmup:
         return args.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, args.steps - warmup)
     return args.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 # --- Checkpoints: sharded, atomic, resumable; the HF export -------------------------------------
 
@@ -245,7 +224,6 @@ def checkpoint_dirs(out: str) -> list[str]:
     done = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
             and not n.endswith(".tmp") and os.path.exists(os.path.join(root, n, "trainer_state.json"))]
     return [os.path.join(root, n) for n in sorted(done)]
-
 
 def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
     """Saves (or loads) the model's and AdamW's shards with torch.distributed.checkpoint, each rank its
@@ -259,7 +237,6 @@ def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
         (dcp.load if load else dcp.save)(state, checkpoint_id=path, no_dist=d.world == 1)
     if load:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
 
 def save_checkpoint(out: str, step: int, model, optimizer, loader, d: Dist):
     """Every rank writes its own shards (no rank gathers the model) into step_N.tmp; rank 0 adds the
@@ -281,7 +258,6 @@ def save_checkpoint(out: str, step: int, model, optimizer, loader, d: Dist):
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
 
-
 def load_checkpoint(path: str, model, optimizer, loader, d: Dist) -> int:
     sharded_state(path, model, optimizer, d, load=True)
     with open(os.path.join(path, "trainer_state.json")) as f:
@@ -289,7 +265,6 @@ def load_checkpoint(path: str, model, optimizer, loader, d: Dist) -> int:
     loader.load_state_dict(trainer["loader"])
     torch.set_rng_state(torch.tensor(trainer["rng"], dtype=torch.uint8))
     return trainer["step"]
-
 
 def export_hf(model, out: str, tokenizer, d: Dist):
     """Consolidated HF-layout export: transformers and vLLM load it as a normal Llama."""
@@ -300,7 +275,6 @@ def export_hf(model, out: str, tokenizer, d: Dist):
                              tokenizer=tokenizer)
     barrier(d)
 
-
 # --- Throughput, and the memory plan (--plan): what one GPU holds, from the shapes alone ----------
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -310,13 +284,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     tflops = next((t for key, t in PEAK_TFLOPS.items() if key in name), None)
     return tflops and tflops * 1e12 / (1 if dtype == torch.bfloat16 else 2)
 
-
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
-
 
 def memory_plan(margs: M.ModelArgs, ctx: int, world: int, cp: int, micro_batch: int = 1,
                 compute_bytes: int = 2, activation_checkpointing: bool = True) -> dict[str, float]:
@@ -350,7 +322,6 @@ def memory_plan(margs: M.ModelArgs, ctx: int, world: int, cp: int, micro_batch: 
     plan["RoPE cos/sin"] = t * hd * (2 * b + 8)
     return plan
 
-
 def print_plan(args, world: int):
     """--plan: the memory plan against this GPU's memory (away from one: an 80 GiB H100's), and the time."""
     margs = (M.args_from_hf_config(M.read_hf_config(args.model)) if args.model and os.path.isdir(args.model)
@@ -374,7 +345,6 @@ def print_plan(args, world: int):
           f"({peak / 1e12:.0f} TFLOP/s per GPU); {args.steps} steps: ~{step_s * args.steps * world / 3600:,.0f} GPU-hours")
     return plan
 
-
 # --- The loop (stage 1 and stage 2) ---------------------------------------------------------------
 
 def loss_divisor(micro_batches: list[dict], args, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +359,6 @@ def loss_divisor(micro_batches: list[dict], args, d: Dist) -> tuple[torch.Tensor
     for mb in micro_batches:
         mb["weights"] = label_weights(mb["labels"], mb["doc_ids"])
     return all_reduce_sum(sum(mb["weights"].sum() for mb in micro_batches), d).clamp(min=1), labelled
-
 
 def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.Tensor, args, d: Dist):
     """Forward and backward of every micro-batch (the gradients accumulate), then one clipped AdamW
@@ -414,7 +383,6 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.T
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
-
 
 def train(args, model, loader, tokenizer, d: Dist):
     """Runs args.steps optimizer steps from wherever the checkpoints say, exports, leaves the group."""
@@ -459,7 +427,6 @@ def train(args, model, loader, tokenizer, d: Dist):
     if d.world > 1:
         dist.destroy_process_group()
 
-
 # --- Stage 1's data, and the entry point sft.py shares ---------------------------------------------
 
 def stage1_loader(args, tokenizer, d: Dist):
@@ -476,7 +443,6 @@ def stage1_loader(args, tokenizer, d: Dist):
     return data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
                        cp_size=d.cp, seed=args.seed)
 
-
 def prepare(args) -> Dist:
     """The device's defaults, the seed, then the process group. Shared by stage 1 and stage 2."""
     if args.dtype is None:
@@ -485,7 +451,6 @@ def prepare(args) -> Dist:
         args.activation_checkpointing = torch.cuda.is_available()
     torch.manual_seed(args.seed)
     return setup_distributed(args.cp)
-
 
 def run(args):
     if args.tokenize_only:
@@ -499,13 +464,11 @@ def run(args):
               f"world {d.world} = dp {d.dp} x cp {d.cp}, {args.steps} steps of {args.batch} x {args.ctx} tokens")
     train(args, model, stage1_loader(args, tokenizer, d), tokenizer, d)
 
-
 def main(argv=None, run=run, parser=build_parser, defaults=fill_defaults):
     try:
         run(defaults(parser().parse_args(argv)))
     except (UserError, FileNotFoundError) as e:  # a user's mistake: one sentence, no traceback
         raise SystemExit(f"error: {e}") from None
-
 
 if __name__ == "__main__":
     main()
