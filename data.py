@@ -1,15 +1,13 @@
-"""Data for both training stages, in the order it runs: tokenizer, files -> documents -> one token
-file, length-based sampling, packing with separators (stage 1); chat formatting and packing (stage
-2); the loader that cuts batches for data- and context-parallel ranks.
+"""Data for both stages, in the order it runs. Stage 1: tokenizer, files -> documents -> one token
+file, length-based sampling, packing with separators. Stage 2: chat formatting and packing. Then the
+loader: an item is {"tokens", "labels", "positions", "doc_ids"}, int64 (ctx,); a batch stacks them,
+cut to (batch_size, ctx // cp_size) for one data- and context-parallel rank.
 
-    tok = load_tokenizer(model_dir)                            # None: the built-in byte-level one
-    order = sample_by_length(build_token_file(paths, tok, cache_dir), budget_tokens=10**9, seed=0)
-    ds = PackedDataset(token_file, order, ctx=2**20, sep_ids=separator_ids(tok, "<s>"))
-    ds = ChatDataset([("sharegpt.jsonl", 1.0), ("math.jsonl", 0.5)], tok, max_len=8192)  # stage 2
+    tok = load_tokenizer(model_dir)  # None: the built-in byte-level one
+    token_file = build_token_file(paths, tok, cache_dir)
+    ds = PackedDataset(token_file, sample_by_length(token_file, 10**9, seed=0), 2**20, separator_ids(tok))
+    ds = ChatDataset([("sharegpt.jsonl", 1.0), ("math.jsonl", 0.5)], tok, max_len=8192)  # or stage 2's
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
-
-An item is {"tokens", "labels", "positions", "doc_ids"}, int64 (ctx,); a batch stacks them, cut to
-(batch_size, ctx // cp_size). A bad input raises rope.UserError naming the file and line.
 """
 
 import array, functools, glob, gzip, hashlib, json, math, os, pathlib, re, shutil, sysconfig, uuid
@@ -30,7 +28,6 @@ IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy defau
 BATCH_KEYS = ("tokens", "labels", "positions", "doc_ids")
 
 # --- Tokenizer ------------------------------------------------------------------------------------
-
 # Llama 3's 256 special tokens, numbered 256..511 by the built-in tokenizer.
 LLAMA3_NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>"]
@@ -78,15 +75,13 @@ class Tokenizer:
         # library there makes the CPU demo and the tests ~100x faster (tests check it is identical).
         self._bytes_are_ids = self.identity == _BUILTIN_IDENTITY
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-
-        def first_id(*names):  # a config may write a token as an AddedToken dict
+        def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
             ids = [backend.token_to_id(n.get("content") if isinstance(n, dict) else n) for n in names if n]
             return next((i for i in ids if i is not None), None)
         bos, eos, pad = (config.get(k) for k in ("bos_token", "eos_token", "pad_token"))
-        self.bos_id = first_id("<|begin_of_text|>", bos)
-        # eos ends a DOCUMENT (a separator of the ablation), not the chat turn that
-        # Llama-3.1-Instruct's config names eos_token; stop_ids holds both.
-        self.eos_id, self.eot_id = first_id("<|end_of_text|>", eos), first_id("<|eot_id|>", eos)
+        # eos ends a DOCUMENT (a separator of the ablation), not the chat turn that Llama-3.1-Instruct's
+        # config names eos_token; stop_ids holds both.
+        self.bos_id, self.eos_id = first_id("<|begin_of_text|>", bos), first_id("<|end_of_text|>", eos)
         self.pad_id = first_id("<|finetune_right_pad_id|>", pad, "<|end_of_text|>", eos)
         stops = [first_id(name) for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", eos)]
         self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
@@ -157,7 +152,6 @@ def load_tokenizer(model_dir):
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), config, source_dir=model_dir)
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
-
 def _chat_pieces(tok, messages, add_generation_prompt):
     """The template's output as pieces: (special_id, trainable) or (text, cut, trainable). A text
     piece is what lies between two special tokens, which the real tokenizer encodes on its own. In
@@ -215,15 +209,12 @@ def format_chat(tok, messages, add_generation_prompt=False):
     return _encode_pieces(tok, [_chat_pieces(tok, messages, add_generation_prompt)])[0]
 
 # --- Stage 1: files -> documents ------------------------------------------------------------------
-
 def builtin_corpus_files():
     """The built-in corpus: every .py file of this Python's standard library (no site-packages).
     Real text on every machine, thousands of documents, hundreds longer than 8K tokens."""
-    files = []
-    for directory, subdirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
-        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(".py")]
-    return files
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob("**/*.py", root_dir=stdlib, recursive=True))
+    return [os.path.join(stdlib, f) for f in files if f.split(os.sep)[0] not in ("site-packages", "dist-packages")]
 
 def _expand_inputs(paths):
     """Files, directories (recursively, hidden names skipped) and globs -> a list of files."""
@@ -232,12 +223,9 @@ def _expand_inputs(paths):
         matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
         if not matches:
             raise UserError(f"input {pattern!r} is neither a file, a directory nor a matching glob")
-        for match in matches:
-            found = [match] if os.path.isfile(match) else []
-            for directory, subdirs, names in os.walk(match):
-                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-                found += [os.path.join(directory, n) for n in names if not n.startswith(".")]
-            files += sorted(found)
+        for match in matches:  # a file, or a directory's files (glob's "**" skips hidden names)
+            inside = glob.glob(os.path.join(glob.escape(match), "**"), recursive=True)
+            files += sorted(f for f in [match] + inside if os.path.isfile(f))
     return files
 
 class _BadRecords:
@@ -252,13 +240,13 @@ class _BadRecords:
         self.count += 1
         self.examples = (self.examples + [message])[:BAD_EXAMPLES]
 
-def _open(path):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    def quoted(self):
+        return "".join(f"\n  skipped: {example}" for example in self.examples)
 
 def read_jsonl(path, bad=None):
     """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
     JSONL reader. A bad line raises UserError naming file and line, or goes to `bad` and is skipped."""
-    with _open(path) as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -297,7 +285,7 @@ def _documents(files, bad, builtin):
                         continue
                     yield text, domain
             continue
-        with _open(path) as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
         try:
             text = raw.decode("utf-8")
@@ -305,14 +293,11 @@ def _documents(files, bad, builtin):
             line = raw[: e.start].count(b"\n") + 1
             bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
             continue
-        domain = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        if builtin:
-            parts = path.split(os.sep)
-            domain = "stdlib-tests" if {"test", "tests"} & set(parts) or parts[-1].startswith("test_") else "stdlib"
-        yield text, domain
+        parts = os.path.abspath(path).split(os.sep)
+        is_test = {"test", "tests"} & set(parts) or parts[-1].startswith("test_")
+        yield text, ("stdlib-tests" if is_test else "stdlib") if builtin else parts[-2]
 
 # --- Stage 1: documents -> token file -------------------------------------------------------------
-
 class TokenFile:
     """A tokenized corpus on disk: one flat uint32 memmap plus a per-document index."""
 
@@ -337,9 +322,9 @@ class TokenFile:
         return f"{self.path} ({self.n_docs} documents, {self.n_tokens} tokens)"
 
 def write_token_file(out_dir, batches, stats=dict):
-    """Writes batches of (flat uint32 ids, lengths, domain names) as tokens.u32 (every id, flat),
-    lengths.npy and domains.npy (per document) and meta.json with stats() (asked once the batches
-    are written), in a temporary directory renamed to out_dir: a token file is whole or absent."""
+    """Writes batches of (flat uint32 ids, lengths, domain names) as tokens.u32, lengths.npy, domains.npy
+    and meta.json (with stats(), asked once the batches are written) into a temporary directory, then
+    renames it to out_dir: a token file is whole or absent."""
     tmp_dir, lengths, domains, names = f"{out_dir}.tmp-{uuid.uuid4().hex}", array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
     try:
@@ -367,23 +352,20 @@ def write_token_file(out_dir, batches, stats=dict):
 
 def _encode_batches(documents, tok):
     """(text, domain) pairs -> write_token_file's batches, each small enough to bound memory."""
-    texts, domains, chars = [], [], 0
+    batch, chars = [], 0
     for text, domain in documents:
-        texts.append(text)
-        domains.append(domain)
+        batch.append((text, domain))
         chars += len(text)
-        if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
-            yield *tok.encode_flat(texts), domains
-            texts, domains, chars = [], [], 0
-    if texts:
-        yield *tok.encode_flat(texts), domains
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield *tok.encode_flat([t for t, _ in batch]), [d for _, d in batch]
+            batch, chars = [], 0
+    if batch:
+        yield *tok.encode_flat([t for t, _ in batch]), [d for _, d in batch]
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
-    """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run.
-
-    paths: files, directories and globs (see _documents); None: the built-in corpus, whose few
-    non-UTF-8 files are skipped and counted. The cache key covers the files' paths, sizes and
-    mtimes and the tokenizer, so a changed input rebuilds."""
+    """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run (the
+    key covers the files' paths, sizes and mtimes and the tokenizer). paths: files, directories and
+    globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
     builtin = paths is None
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
     if not files:
@@ -399,23 +381,18 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     token_file = write_token_file(out_dir, _encode_batches(_documents(files, bad, builtin), tok), lambda: {
         "files": len(files), "bad_skipped": bad.count, "bad_examples": bad.examples})
     if log:
-        log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records"
-            f" and {token_file.stats['empty_documents']} empty documents")
-        for example in bad.examples:
-            log(f"  skipped: {example}")
+        log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records and "
+            f"{token_file.stats['empty_documents']} empty documents" + bad.quoted())
     return token_file
 
 # --- Stage 1: length-based sampling ---------------------------------------------------------------
-
 def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG_DOC,
                      down_rate=DOWN_RATE, up_rate=UP_RATE, log=print):
-    """Samples documents per domain by length until `budget_tokens`: document indices (int64), in order.
-
-    A document's expected number of copies is proportional to its rate: `down_rate` below `short`
-    tokens, `up_rate` above `long`, 1 in between. Every domain keeps its share of the corpus's
-    tokens: its copies are drawn (seeded) and cut at its share; the domains are then shuffled
-    together and cut at the budget, so the total is the budget plus less than one document.
-    """
+    """Document indices (int64, in order) sampled per domain by length up to `budget_tokens`. A document's
+    expected number of copies is proportional to its rate: `down_rate` below `short` tokens, `up_rate`
+    above `long`, 1 in between. Every domain keeps its share of the corpus's tokens: its copies are
+    drawn (seeded) and cut at its share; the domains are then shuffled together and cut at the budget,
+    so the total is the budget plus less than one document."""
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
     if not 0 < short <= long:
@@ -429,8 +406,7 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
     if not can_sample.any():
         raise UserError("every document has sampling rate 0, so nothing can be sampled")
     shares = domain_tokens / domain_tokens[can_sample].sum()  # among the domains that can contribute
-    rng = np.random.default_rng(seed)
-    picked = []
+    rng, picked = np.random.default_rng(seed), []
     for d in np.flatnonzero(can_sample):
         docs = np.flatnonzero(domains == d)
         domain_budget = budget_tokens * shares[d]
@@ -454,7 +430,6 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
     return order
 
 # --- Stage 1: packing with separators -------------------------------------------------------------
-
 def separator_ids(tok, separator="<s>"):
     """The ids that follow every document: the paper's "<s>" (plain text, tokenized as text), the
     tokenizer's bos or eos token, or nothing (the ablation without a separator)."""
@@ -473,29 +448,20 @@ def _count_up(n):
     """0, 1, ..., n-1, kept: copying it is ~2x faster than computing it for every 4M-token read."""
     return np.arange(n)
 
-def _pread(f, out, first_token):
-    """Fills the uint32 array `out` from the token file at token `first_token`: unlike reading
-    through the memmap, nothing stays mapped, so resident memory does not grow."""
-    if os.preadv(f.fileno(), [out], first_token * 4) != out.nbytes:
-        raise UserError(f"the token file {f.name} ended before token {first_token + len(out)}")
-
 class PackedDataset:
     """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
-    followed by the separator. A document longer than what is left continues in the next sequence;
-    consecutive sequences share one token (the last label of i is the first input of i+1), so every
-    stream token but the first is a label exactly once. The last, partial sequence is padded
-    (pad_id, labels -100, doc_ids -1) unless drop_last. A read holds only that sequence in memory.
+    followed by the separator: a document longer than what is left continues in the next sequence,
+    whose first input is i's last label, so every stream token but the first is a label exactly once.
+    The last, partial sequence is padded (pad_id, labels -100, doc_ids -1) unless drop_last. A read
+    holds only that sequence in memory.
     doc_ids: the index in `doc_order` (the separator belongs to its document). positions: 0..ctx-1,
-    or with doc_mask the offset since the document (or the sequence) began.
-    """
+    or with doc_mask the offset since the document (or the sequence) began."""
 
     def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False):
         self.token_file, self.ctx, self.doc_mask, self.pad_id = token_file, ctx, doc_mask, pad_id
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
         if ctx <= len(self.sep):
             raise UserError(f"the window ctx={ctx} must be longer than the separator ({len(self.sep)} tokens)")
-        if len(doc_order) == 0:
-            raise UserError("the document order is empty, so there is nothing to pack")
         self.doc_offsets = token_file.offsets[doc_order]  # (n,) where each one's tokens are in the file
         self.doc_lengths = token_file.lengths[doc_order]  # (n,)
         # doc_starts[k]: where document k starts in the stream; doc_starts[-1]: the stream's length.
@@ -503,7 +469,7 @@ class PackedDataset:
         self.stream_len = int(self.doc_starts[-1])
         # A sequence needs ctx+1 stream tokens; the stream's first token is never a label.
         self.n_sequences = (self.stream_len - 1) // ctx if drop_last else -(-(self.stream_len - 1) // ctx)
-        if self.n_sequences == 0:
+        if self.n_sequences <= 0:
             raise UserError(f"the sampled stream ({self.stream_len} tokens) is shorter than one window of {ctx}")
 
     def __len__(self):
@@ -513,9 +479,8 @@ class PackedDataset:
         return self.read(i, 0, self.ctx)
 
     def read(self, i, start, stop, out=None):
-        """Positions [start, stop) of sequence i (what one context-parallel chunk needs). out: four
-        (stop - start,) int64 tensors to fill in place; the loader passes rows of its batch, so a
-        multi-million-token sequence is written once, not copied."""
+        """Positions [start, stop) of sequence i (one context-parallel chunk), into `out` (four (stop - start,)
+        int64 tensors, rows of the loader's batch: a million-token sequence is written once) or new ones."""
         if not 0 <= i < self.n_sequences:
             raise IndexError(f"sequence {i} is out of range for {self.n_sequences} sequences")
         n, first, seq_start = stop - start, i * self.ctx + start, i * self.ctx  # stream positions
@@ -530,7 +495,10 @@ class PackedDataset:
                 at, body_end = first + filled, int(self.doc_starts[k] + self.doc_lengths[k])
                 take = min(int(self.doc_starts[k + 1]), first + have) - at
                 body = max(0, min(body_end - at, take))
-                _pread(f, raw[filled : filled + body], int(self.doc_offsets[k] + at - self.doc_starts[k]))
+                # os.preadv, unlike reading through the memmap, maps nothing: resident memory does not grow
+                in_file = int(self.doc_offsets[k] + at - self.doc_starts[k])
+                if os.preadv(f.fileno(), [raw[filled : filled + body]], 4 * in_file) != 4 * body:
+                    raise UserError(f"the token file {f.name} ended before token {in_file + body}")
                 sep_at = max(0, at - body_end)
                 raw[filled + body : filled + take] = self.sep[sep_at : sep_at + take - body]
                 end = min(filled + take, n)  # raw[n] is a label only
@@ -547,12 +515,11 @@ class PackedDataset:
         return out
 
 # --- Stage 2: chat data ---------------------------------------------------------------------------
-
 def _record_pieces(tok, record):
     """A record -> template pieces: a list of messages or {"messages": [...]}; or a plain {"prompt",
     "completion"}, no template: <|begin_of_text|> prompt completion <|end_of_text|>, trained on the
-    completion and the end token (with "train_eos": false on the completion alone). The two are
-    encoded apart, as generation sees them: the prompt's tokens, then new ones."""
+    completion and the end token (with "train_eos": false on the completion alone), the two encoded
+    apart as generation sees them."""
     if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
         prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
@@ -571,8 +538,7 @@ def _record_pieces(tok, record):
     return pieces
 
 def _read_chat(sources, tok, bad):
-    """Every source's records as pieces, and the source of each. A source is a JSONL path or glob,
-    or an in-memory list of records."""
+    """Every source's records as pieces, and the source of each: a JSONL path or glob, or a list of records."""
     pieces, source_of = [], []
     for s, (source, weight) in enumerate(sources):
         if not (weight >= 0 and math.isfinite(weight)):
@@ -592,8 +558,7 @@ def _read_chat(sources, tok, bad):
 def _blend(weights, source_of, usable, seed):
     """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
     usable conversation of the source, plus a seeded fraction of them."""
-    rng = np.random.default_rng(seed)
-    blend = []
+    rng, blend = np.random.default_rng(seed), []
     for s, weight in enumerate(weights):
         members = np.flatnonzero((source_of == s) & usable)
         blend.append(np.repeat(members, int(weight)))
@@ -616,42 +581,34 @@ def _next_fit(lengths, max_len):
 
 class ChatDataset:
     """Chat records, blended by weight, formatted as format_chat does and packed into padded rows.
-
-    sources: [(source, weight), ...] (see _read_chat, _record_pieces, _blend). Occurrences are
-    packed in their shuffled order into rows of at most max_len tokens. Labels are -100 except on
-    what format_chat masks True. A conversation longer than max_len is truncated (truncate=True)
-    or skipped, and counted either way; a bad record (malformed JSON, an unknown role, no assistant
-    turn) raises UserError naming file and line, or with skip_bad is counted. `stats`: the counts.
-    """
+    sources: [(source, weight), ...] (see _read_chat, _record_pieces, _blend). Occurrences are packed
+    in their shuffled order into rows of at most max_len tokens; labels are -100 but where format_chat's
+    mask is True. A conversation longer than max_len is truncated (truncate=True) or skipped; a bad
+    record raises UserError naming file and line, or with skip_bad is skipped. `stats`: the counts."""
 
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, truncate=True, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad = _BadRecords(skip_bad)
         pieces, source_of = _read_chat(sources, tok, bad)
-        if not pieces:
-            raise UserError(f"the chat sources hold no usable conversations ({bad.count} bad records skipped)")
         encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
         lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
         too_long = lengths > max_len
-        usable = np.array([any(mask[:max_len]) for _, mask in encoded]) & (truncate | ~too_long)
-        if not usable.any():
-            raise UserError(f"the chat sources hold no usable conversations: all {len(usable)} are longer than "
-                            f"max_len={max_len}" + (" before the assistant's first token" if truncate else ""))
+        usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool) & (truncate | ~too_long)
+        if not usable.any():  # every record was bad or too long
+            raise UserError(f"the chat sources hold no usable conversations: {bad.count} bad records skipped, "
+                            f"{len(usable)} longer than max_len={max_len}"
+                            + (" before the assistant's first token" if truncate else ""))
         self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
         self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
         self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
         self.blend = _blend([w for _, w in sources], source_of, usable, seed)  # (m,) conversation per occurrence
         self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)  # row r: occurrences [r]:[r+1]
-        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "bad_examples": bad.examples,
-                      "truncated": int((too_long & usable).sum()) if truncate else 0,
-                      "too_long_skipped": int((too_long & ~usable).sum()), "blended": len(self.blend),
-                      "rows": len(self), "fill": float(self.conv_lengths[self.blend].sum() / (len(self) * max_len))}
+        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "truncated": int((too_long & usable).sum()),
+                      "too_long_skipped": int((too_long & ~usable).sum()), "blended": len(self.blend)}
         if log:
-            log(f"chat data: {len(pieces)} conversations, {bad.count} bad skipped, {self.stats['truncated']} "
-                f"truncated, {self.stats['too_long_skipped']} too long skipped; {len(self.blend)} after weighting, "
-                f"packed into {len(self)} rows of {max_len} ({self.stats['fill']:.0%} full)")
-            for example in bad.examples:
-                log(f"  skipped: {example}")
+            fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
+            log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
+                + f"; packed into {len(self)} rows of {max_len} ({fill:.0%} full)" + bad.quoted())
 
     def __len__(self):
         return len(self.row_bounds) - 1
@@ -686,17 +643,13 @@ class ChatDataset:
         return out
 
 # --- Loader ---------------------------------------------------------------------------------------
-
 class Loader:
-    """Batches for one (data-parallel, context-parallel) rank, deterministic given the seed.
-
-    Every step takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by
-    seed and epoch); data-parallel rank r gets the r-th run of batch_size. Each sequence is cut to
-    the context-parallel rank's zigzag chunks (attention.zigzag_ranges), reading only those. Without
-    drop_last, an epoch's last step is filled with its first sequences, so every rank takes the same
-    number of steps and together they see every sequence. Iterates epoch after epoch (or `epochs`).
-    state_dict() after a batch resumes exactly at the next one.
-    """
+    """Batches for one (data-parallel, context-parallel) rank, deterministic given the seed. Every step
+    takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by seed and epoch);
+    data-parallel rank r gets the r-th run of batch_size, each sequence cut to (and reading only) the
+    context-parallel rank's zigzag chunks. Without drop_last, an epoch's last step is filled with its
+    first sequences: every rank takes the same number of steps, together they see every sequence.
+    Iterates epoch after epoch (or `epochs`); state_dict() after a batch resumes at the next one."""
 
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0,
                  shuffle=True, drop_last=False, epochs=None):

@@ -93,7 +93,6 @@ def test_builtin_tokenizer_layout(tok):
     assert [tok.token_id(t) for t in data.LLAMA3_NAMED_SPECIAL_TOKENS] == list(range(256, 264))
     assert tok.token_id("<|reserved_special_token_247|>") == 511
     assert tok.eos_id == tok.token_id("<|end_of_text|>")
-    assert tok.eot_id == tok.token_id("<|eot_id|>")
     assert set(tok.stop_ids) == {tok.token_id(t) for t in ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"]}
     assert tok.pad_id == tok.token_id("<|finetune_right_pad_id|>")
     assert tok.source_dir is None and tok.chat_template == data.LLAMA31_CHAT_TEMPLATE
@@ -119,7 +118,7 @@ def test_tokenizer_save_load_roundtrip(tok, tmp_path):
     tok.save(str(tmp_path))
     loaded = data.load_tokenizer(str(tmp_path))
     assert loaded.identity == tok.identity and loaded._bytes_are_ids
-    for attr in ["vocab_size", "bos_id", "eos_id", "eot_id", "pad_id", "stop_ids", "chat_template"]:
+    for attr in ["vocab_size", "bos_id", "eos_id", "pad_id", "stop_ids", "chat_template"]:
         assert getattr(loaded, attr) == getattr(tok, attr), attr
     assert loaded.source_dir == str(tmp_path)
     text = "héllo <s> <|eot_id|>"
@@ -686,7 +685,7 @@ def test_tokenizer_config_variants(tok, tmp_path):
               "chat_template": [{"name": "default", "template": "T1"}, {"name": "tool_use", "template": "T2"}]}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     loaded = data.load_tokenizer(str(tmp_path))
-    assert loaded.chat_template == "T1" and loaded.bos_id == 256 and tok.eot_id in loaded.stop_ids
+    assert loaded.chat_template == "T1" and loaded.bos_id == 256 and tok.token_id("<|eot_id|>") in loaded.stop_ids
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text(data.LLAMA31_CHAT_TEMPLATE)
     assert data.load_tokenizer(str(tmp_path)).chat_template == data.LLAMA31_CHAT_TEMPLATE
