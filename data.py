@@ -10,13 +10,13 @@ cut to (batch_size, ctx // cp_size) for one data- and context-parallel rank.
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
-import array, functools, glob, gzip, hashlib, json, math, os, pathlib, re, shutil, sysconfig, uuid
+import array, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig, uuid
 
 import numpy as np
 import tokenizers, torch
 
 from attention import zigzag_ranges
-from model import atomic_write
+from model import atomic_write, write_json
 from rope import UserError
 
 # Length-based sampling: the paper down-samples documents shorter than 4K tokens and up-samples
@@ -55,32 +55,25 @@ def _sha256(text):
 
 _BUILTIN_IDENTITY = _sha256(_builtin_backend().to_str())
 
-def _write_json(path, obj):
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the chat template the recipe needs."""
 
     def __init__(self, backend, config, source_dir=None):
         backend.no_padding()  # a tokenizer.json's batch-inference settings would change lengths
         backend.no_truncation()
-        # Text is text: "<|eot_id|>" typed in a document stays characters (format_chat and
-        # separator_ids place special tokens by id).
-        backend.encode_special_tokens = True
+        backend.encode_special_tokens = True  # "<|eot_id|>" typed in a text stays text: specials go in by id
         self._backend, self.config, self.source_dir = backend, dict(config), source_dir
         self.chat_template = config.get("chat_template")
         self.identity = _sha256(backend.to_str())
-        # The built-in tokenizer maps byte b to id b, so UTF-8 bytes ARE its ids: skipping the
-        # library there makes the CPU demo and the tests ~100x faster (tests check it is identical).
+        # The built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library there makes the CPU demo
+        # and the tests ~100x faster (tests check it is identical).
         self._bytes_are_ids = self.identity == _BUILTIN_IDENTITY
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
             ids = [backend.token_to_id(n.get("content") if isinstance(n, dict) else n) for n in names if n]
             return next((i for i in ids if i is not None), None)
         bos, eos, pad = (config.get(k) for k in ("bos_token", "eos_token", "pad_token"))
-        # eos ends a DOCUMENT (a separator of the ablation), not the chat turn that Llama-3.1-Instruct's
-        # config names eos_token; stop_ids holds both.
+        # eos ends a DOCUMENT (an ablation's separator), not the turn Llama-3.1-Instruct's eos_token ends
         self.bos_id, self.eos_id = first_id("<|begin_of_text|>", bos), first_id("<|end_of_text|>", eos)
         self.pad_id = first_id("<|finetune_right_pad_id|>", pad, "<|end_of_text|>", eos)
         stops = [first_id(name) for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", eos)]
@@ -88,9 +81,7 @@ class Tokenizer:
 
     def encode(self, text):
         """Plain text to ids, no bos added."""
-        if self._bytes_are_ids:
-            return list(text.encode("utf-8"))
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self.encode_flat([text])[0].tolist()
 
     def encode_flat(self, texts):
         """A batch (on all cores) as one uint32 array and per-text lengths: what a token file stores."""
@@ -98,19 +89,9 @@ class Tokenizer:
             encoded = [t.encode("utf-8") for t in texts]
             flat = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint32)
             return flat, np.array([len(b) for b in encoded], dtype=np.int64)
-        flat, lengths = array.array("I"), []  # array.array takes a list of ints ~3x faster than numpy
-        for encoding in self._backend.encode_batch_fast(list(texts), add_special_tokens=False):
-            flat.extend(encoding.ids)
-            lengths.append(len(encoding.ids))
-        return np.frombuffer(flat, dtype=np.uint32), np.array(lengths, dtype=np.int64)
-
-    def encode_split(self, texts_and_cuts):
-        """(text, cut) pairs -> (ids, n): each text is encoded whole, and its first n ids hold
-        text[:cut] (a token that straddles the cut counts as the head)."""
-        if self._bytes_are_ids:
-            return [(list(t.encode("utf-8")), len(t[:cut].encode("utf-8"))) for t, cut in texts_and_cuts]
-        encodings = self._backend.encode_batch([t for t, _ in texts_and_cuts], add_special_tokens=False)
-        return [(e.ids, sum(a < cut for a, _ in e.offsets)) for e, (_, cut) in zip(encodings, texts_and_cuts)]
+        ids = [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        flat = array.array("I", itertools.chain.from_iterable(ids))  # array.array takes ints ~3x faster than numpy
+        return np.frombuffer(flat, dtype=np.uint32), np.array([len(i) for i in ids], dtype=np.int64)
 
     def decode(self, ids):
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -124,8 +105,8 @@ class Tokenizer:
         """Writes tokenizer.json and tokenizer_config.json; load_tokenizer(out_dir) reads them back."""
         os.makedirs(out_dir, exist_ok=True)
         atomic_write(os.path.join(out_dir, "tokenizer.json"), self._backend.save)
-        template = {} if self.chat_template is None else {"chat_template": self.chat_template}
-        _write_json(os.path.join(out_dir, "tokenizer_config.json"), {**self.config, **template})
+        config = {**self.config, **({} if self.chat_template is None else {"chat_template": self.chat_template})}
+        atomic_write(os.path.join(out_dir, "tokenizer_config.json"), lambda tmp: write_json(tmp, config))
 
 def builtin_tokenizer():
     """The offline default: 256 byte ids then Llama 3's 256 special tokens (vocab_size 512)."""
@@ -153,52 +134,49 @@ def load_tokenizer(model_dir):
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 def _chat_pieces(tok, messages, add_generation_prompt):
-    """The template's output as pieces: (special_id, trainable) or (text, cut, trainable). A text
-    piece is what lies between two special tokens, which the real tokenizer encodes on its own. In
-    "\\n\\n" + content the first `cut` characters are the header's; the rest is trainable when the
-    speaker is the assistant, and so is its <|eot_id|> (the model learns to stop)."""
+    """The template's output as pieces: (special token id, trainable) or (text, trainable), each text
+    encoded on its own as the real tokenizer encodes what lies between two special tokens (the header's
+    "\\n\\n" apart from the stripped content: Llama 3's pre-tokenizer splits there too). The assistant's
+    content is trainable, and so is its <|eot_id|> (the model learns to stop)."""
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' is not a non-empty list")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"message {j} is not an object with 'role' and 'content'")
+        if not isinstance(m, dict) or "role" not in m or "content" not in m or "tool_calls" in m:
+            raise UserError(f"message {j} is not an object with 'role' and 'content' (tool_calls are not supported)")
         if m["role"] not in ("system", "user", "assistant"):
             raise UserError(f"message {j} has unknown role {m['role']!r} (expected system, user or assistant)")
         if not isinstance(m["content"], str):
             raise UserError(f"message {j} has content that is not a string")
-        if "tool_calls" in m:
-            raise UserError(f"message {j} has tool_calls, which format_chat does not support")
     template = tok.chat_template or LLAMA31_CHAT_TEMPLATE
     if "<|start_header_id|>" not in template:
         raise UserError(f"the chat template of {tok.source_dir} is not a Llama 3 family template, "
                         "and format_chat implements only Llama 3.1's")
-    if tok.bos_id is None:
-        raise UserError("the tokenizer has no <|begin_of_text|> token, which the Llama 3.1 chat format needs")
-    start, end, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-    turns = [(m["role"], "\n\n" + m["content"].strip(), 2) for m in messages]  # Jinja's |trim is strip()
+    bos, start, end, eot = (tok.token_id(t) for t in
+                            ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    turns = [(m["role"], m["content"].strip()) for m in messages]  # Jinja's |trim is strip()
     if "Cutting Knowledge Date" in template:  # Llama 3.1, not 3: a system turn with this preamble comes first
         date = re.search(r'set date_string = "([^"]+)"', template)
-        preamble = f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date[1] if date else '26 Jul 2024'}\n\n"
-        system = turns.pop(0)[1][2:] if messages[0]["role"] == "system" else ""
-        turns.insert(0, ("system", preamble + system, 0))
-    pieces = [(tok.bos_id, False)]
-    for role, text, cut in turns:
+        preamble = f"Cutting Knowledge Date: December 2023\nToday Date: {date[1] if date else '26 Jul 2024'}\n\n"
+        system = turns.pop(0)[1] if messages[0]["role"] == "system" else ""
+        turns.insert(0, ("system", preamble + system))
+    pieces = [(bos, False)]
+    for role, text in turns:
         trainable = role == "assistant"
-        pieces += [(start, False), (role, 0, False), (end, False), (text, cut, trainable), (eot, trainable)]
+        pieces += [(start, False), (role, False), (end, False), ("\n\n", False), (text, trainable), (eot, trainable)]
     if add_generation_prompt:
-        pieces += [(start, False), ("assistant", 0, False), (end, False), ("\n\n", 0, False)]
+        pieces += [(start, False), ("assistant", False), (end, False), ("\n\n", False)]
     return pieces
 
 def _encode_pieces(tok, conversations):
     """Encodes many conversations' pieces in one batch; returns (tokens, mask) per conversation."""
-    encoded = iter(tok.encode_split([(p[0], p[1]) for pieces in conversations for p in pieces if len(p) == 3]))
-    out = []
+    flat, lengths = tok.encode_flat([p for pieces in conversations for p, _ in pieces if isinstance(p, str)])
+    texts, out = iter(np.split(flat, np.cumsum(lengths)[:-1])), []
     for pieces in conversations:
         tokens, mask = [], []
-        for piece in pieces:
-            ids, n_head = ([piece[0]], 0) if len(piece) == 2 else next(encoded)  # a special token, or text
+        for piece, trainable in pieces:
+            ids = next(texts).tolist() if isinstance(piece, str) else [piece]  # text, or a special token's id
             tokens += ids
-            mask += [False] * n_head + [piece[-1]] * (len(ids) - n_head)
+            mask += [trainable] * len(ids)
         out.append((tokens, mask))
     return out
 
@@ -340,14 +318,12 @@ def write_token_file(out_dir, batches, stats=dict):
             raise UserError(f"no document of {out_dir} has any tokens, so the corpus is empty ({stats})")
         np.save(os.path.join(tmp_dir, "lengths.npy"), lengths[keep])
         np.save(os.path.join(tmp_dir, "domains.npy"), np.frombuffer(domains, dtype=np.int32)[keep])
-        _write_json(os.path.join(tmp_dir, "meta.json"), {"format": 2, "n_tokens": int(lengths.sum()),
-                                                         "domain_names": list(names), "stats": stats})
-        os.rename(tmp_dir, out_dir)
-    except BaseException as e:
+        write_json(os.path.join(tmp_dir, "meta.json"), {"format": 2, "n_tokens": int(lengths.sum()),
+                                                        "domain_names": list(names), "stats": stats})
+        if not os.path.isdir(out_dir):  # another run may have written the same token file first: keep it
+            os.rename(tmp_dir, out_dir)
+    finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        # another process wrote the same token file first: keep theirs, it is identical
-        if not (isinstance(e, OSError) and os.path.isfile(os.path.join(out_dir, "meta.json"))):
-            raise
     return TokenFile(out_dir)
 
 def _encode_batches(documents, tok):
@@ -368,8 +344,6 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
     builtin = paths is None
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
-    if not files:
-        raise UserError(f"the inputs {paths} contain no files, so the corpus is empty")
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     out_dir = os.path.join(cache_dir, "tokens-" + _sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]))[:20])
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
@@ -397,8 +371,6 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
     if not 0 < short <= long:
         raise UserError(f"the length thresholds must satisfy 0 < short <= long, not short={short}, long={long}")
-    if down_rate < 0 or up_rate < 0:
-        raise UserError(f"the sampling rates must be non-negative, not down_rate={down_rate}, up_rate={up_rate}")
     lengths, domains, n_domains = token_file.lengths, token_file.domains, len(token_file.domain_names)
     rate = np.where(lengths < short, down_rate, np.where(lengths > long, up_rate, 1.0))
     domain_tokens = np.bincount(domains, weights=lengths, minlength=n_domains)
@@ -526,9 +498,7 @@ def _record_pieces(tok, record):
             raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
         if not isinstance(train_eos, bool):
             raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
-        if tok.bos_id is None or tok.eos_id is None:
-            raise UserError("prompt/completion records need a tokenizer with <|begin_of_text|> and <|end_of_text|>")
-        return [(tok.bos_id, False), (prompt, 0, False), (completion, 0, True), (tok.eos_id, train_eos)]
+        return [(tok.bos_id, False), (prompt, False), (completion, True), (tok.eos_id, train_eos)]
     if isinstance(record, dict) and "messages" not in record:
         raise UserError("the record has neither 'messages' nor 'prompt' and 'completion'")
     messages = record["messages"] if isinstance(record, dict) else record
@@ -618,8 +588,6 @@ class ChatDataset:
 
     def read(self, i, start, stop, out=None):
         """Positions [start, stop) of row i; `out` as in PackedDataset.read."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} is out of range for {len(self)} rows")
         tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
         trainable = np.zeros(self.ctx + 1, dtype=bool)  # (ctx+1,) one spare: the last label is -100
         doc_ids, positions = np.full(self.ctx, -1, dtype=np.int64), np.arange(self.ctx, dtype=np.int64)
@@ -653,8 +621,6 @@ class Loader:
 
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0,
                  shuffle=True, drop_last=False, epochs=None):
-        if batch_size < 1 or not 0 <= dp_rank < dp_size:
-            raise UserError(f"need batch_size >= 1 and 0 <= dp_rank < dp_size, not {batch_size}, {dp_rank}, {dp_size}")
         if dataset.ctx % (2 * cp_size):
             raise UserError(f"sequence length {dataset.ctx} must be divisible by 2 x cp = {2 * cp_size}")
         self.dataset, self.batch_size, self.dp_rank, self.seed = dataset, batch_size, dp_rank, seed
