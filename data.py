@@ -57,7 +57,6 @@ _BUILTIN_IDENTITY = _sha256(_builtin_backend().to_str())
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the chat template the recipe needs."""
-
     def __init__(self, backend, config, source_dir=None):
         backend.no_padding()  # a tokenizer.json's batch-inference settings would change lengths
         backend.no_truncation()
@@ -142,7 +141,7 @@ def _chat_pieces(tok, messages, add_generation_prompt):
         raise UserError("'messages' is not a non-empty list")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m or "tool_calls" in m:
-            raise UserError(f"message {j} is not an object with 'role' and 'content' (tool_calls are not supported)")
+            raise UserError(f"message {j} is not an object with 'role' and 'content' (and no tool_calls)")
         if m["role"] not in ("system", "user", "assistant"):
             raise UserError(f"message {j} has unknown role {m['role']!r} (expected system, user or assistant)")
         if not isinstance(m["content"], str):
@@ -159,13 +158,12 @@ def _chat_pieces(tok, messages, add_generation_prompt):
         preamble = f"Cutting Knowledge Date: December 2023\nToday Date: {date[1] if date else '26 Jul 2024'}\n\n"
         system = turns.pop(0)[1] if messages[0]["role"] == "system" else ""
         turns.insert(0, ("system", preamble + system))
+    def header(role):  # <|start_header_id|>role<|end_header_id|>\n\n
+        return [(start, False), (role, False), (end, False), ("\n\n", False)]
     pieces = [(bos, False)]
     for role, text in turns:
-        trainable = role == "assistant"
-        pieces += [(start, False), (role, False), (end, False), ("\n\n", False), (text, trainable), (eot, trainable)]
-    if add_generation_prompt:
-        pieces += [(start, False), ("assistant", False), (end, False), ("\n\n", False)]
-    return pieces
+        pieces += header(role) + [(text, role == "assistant"), (eot, role == "assistant")]
+    return (pieces + header("assistant")) if add_generation_prompt else pieces
 
 def _encode_pieces(tok, conversations):
     """Encodes many conversations' pieces in one batch; returns (tokens, mask) per conversation."""
@@ -208,7 +206,6 @@ def _expand_inputs(paths):
 
 class _BadRecords:
     """The one bad-record policy: raise, or with skip_bad count them and keep a few for the log."""
-
     def __init__(self, skip_bad):
         self.skip_bad, self.count, self.examples = skip_bad, 0, []
 
@@ -278,7 +275,6 @@ def _documents(files, bad, builtin):
 # --- Stage 1: documents -> token file -------------------------------------------------------------
 class TokenFile:
     """A tokenized corpus on disk: one flat uint32 memmap plus a per-document index."""
-
     def __init__(self, path):
         self.path, self.tokens_path = path, os.path.join(path, "tokens.u32")
         meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
@@ -428,14 +424,12 @@ class PackedDataset:
     holds only that sequence in memory.
     doc_ids: the index in `doc_order` (the separator belongs to its document). positions: 0..ctx-1,
     or with doc_mask the offset since the document (or the sequence) began."""
-
     def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False):
         self.token_file, self.ctx, self.doc_mask, self.pad_id = token_file, ctx, doc_mask, pad_id
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
         if ctx <= len(self.sep):
             raise UserError(f"the window ctx={ctx} must be longer than the separator ({len(self.sep)} tokens)")
-        self.doc_offsets = token_file.offsets[doc_order]  # (n,) where each one's tokens are in the file
-        self.doc_lengths = token_file.lengths[doc_order]  # (n,)
+        self.doc_offsets, self.doc_lengths = token_file.offsets[doc_order], token_file.lengths[doc_order]  # (n,)
         # doc_starts[k]: where document k starts in the stream; doc_starts[-1]: the stream's length.
         self.doc_starts = np.concatenate([[0], np.cumsum(self.doc_lengths + len(self.sep))])
         self.stream_len = int(self.doc_starts[-1])
@@ -507,24 +501,6 @@ def _record_pieces(tok, record):
         raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
     return pieces
 
-def _read_chat(sources, tok, bad):
-    """Every source's records as pieces, and the source of each: a JSONL path or glob, or a list of records."""
-    pieces, source_of = [], []
-    for s, (source, weight) in enumerate(sources):
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
-        if isinstance(source, str):
-            records = ((f"{p} line {n}", r) for p in _expand_inputs(source) for n, r in read_jsonl(p, bad))
-        else:
-            records = ((f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
-        for where, record in records:
-            try:
-                pieces.append(_record_pieces(tok, record))
-                source_of.append(s)
-            except UserError as e:
-                bad(f"{where}: {e}")
-    return pieces, np.asarray(source_of, dtype=np.int64)
-
 def _blend(weights, source_of, usable, seed):
     """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
     usable conversation of the source, plus a seeded fraction of them."""
@@ -550,16 +526,27 @@ def _next_fit(lengths, max_len):
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
 class ChatDataset:
-    """Chat records, blended by weight, formatted as format_chat does and packed into padded rows.
-    sources: [(source, weight), ...] (see _read_chat, _record_pieces, _blend). Occurrences are packed
-    in their shuffled order into rows of at most max_len tokens; labels are -100 but where format_chat's
-    mask is True. A conversation longer than max_len is truncated (truncate=True) or skipped; a bad
-    record raises UserError naming file and line, or with skip_bad is skipped. `stats`: the counts."""
-
+    """Chat records (see _record_pieces) formatted as format_chat does, blended by weight (see _blend)
+    and packed in their shuffled order into padded rows of at most max_len tokens; labels are -100 but
+    where format_chat's mask is True. sources: [(a JSONL path or glob, or a list of records; weight)].
+    A conversation longer than max_len is truncated (truncate=True) or skipped; a bad record raises
+    UserError naming file and line, or with skip_bad is skipped. `stats`: the counts."""
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, truncate=True, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
-        bad = _BadRecords(skip_bad)
-        pieces, source_of = _read_chat(sources, tok, bad)
+        bad, pieces, source_of = _BadRecords(skip_bad), [], []
+        for s, (source, weight) in enumerate(sources):
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
+            if isinstance(source, str):
+                records = ((f"{p} line {n}", r) for p in _expand_inputs(source) for n, r in read_jsonl(p, bad))
+            else:
+                records = ((f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
+            for where, record in records:
+                try:
+                    pieces.append(_record_pieces(tok, record))
+                    source_of.append(s)
+                except UserError as e:
+                    bad(f"{where}: {e}")
         encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
         lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
         too_long = lengths > max_len
@@ -571,10 +558,11 @@ class ChatDataset:
         self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
         self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
         self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
-        self.blend = _blend([w for _, w in sources], source_of, usable, seed)  # (m,) conversation per occurrence
-        self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)  # row r: occurrences [r]:[r+1]
-        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "truncated": int((too_long & usable).sum()),
-                      "too_long_skipped": int((too_long & ~usable).sum()), "blended": len(self.blend)}
+        # (m,) the conversation of each occurrence; row r holds occurrences row_bounds[r]:row_bounds[r+1]
+        self.blend = _blend([w for _, w in sources], np.array(source_of, dtype=np.int64), usable, seed)
+        self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)
+        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "blended": len(self.blend),
+                      "truncated": int((too_long & usable).sum()), "too_long_skipped": int((~usable).sum())}
         if log:
             fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
             log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
@@ -618,7 +606,6 @@ class Loader:
     context-parallel rank's zigzag chunks. Without drop_last, an epoch's last step is filled with its
     first sequences: every rank takes the same number of steps, together they see every sequence.
     Iterates epoch after epoch (or `epochs`); state_dict() after a batch resumes at the next one."""
-
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0,
                  shuffle=True, drop_last=False, epochs=None):
         if dataset.ctx % (2 * cp_size):
