@@ -37,8 +37,7 @@ BUILTIN_VOCAB_SIZE = 256 + len(LLAMA3_SPECIAL_TOKENS)  # 512: the model's `tiny`
 # format_chat produces its tokens in Python (tests render it with transformers and compare).
 LLAMA31_CHAT_TEMPLATE = pathlib.Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
 
-def _builtin_backend():
-    """A real `tokenizers` byte-level BPE with no merges: byte b is id b, specials are 256..511."""
+def _builtin_backend():  # a real `tokenizers` byte-level BPE, no merges: byte b is id b, specials 256..511
     # GPT-2's byte -> printable character table, which the ByteLevel pre-tokenizer uses.
     printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     others = [b for b in range(256) if b not in printable]
@@ -78,8 +77,7 @@ class Tokenizer:
         stops = [first_id(name) for name in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", eos)]
         self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
 
-    def encode(self, text):
-        """Plain text to ids, no bos added."""
+    def encode(self, text):  # plain text to ids, no bos added
         return self.encode_flat([text])[0].tolist()
 
     def encode_flat(self, texts):
@@ -104,8 +102,8 @@ class Tokenizer:
         """Writes tokenizer.json and tokenizer_config.json; load_tokenizer(out_dir) reads them back."""
         os.makedirs(out_dir, exist_ok=True)
         atomic_write(os.path.join(out_dir, "tokenizer.json"), self._backend.save)
-        config = {**self.config, **({} if self.chat_template is None else {"chat_template": self.chat_template})}
-        atomic_write(os.path.join(out_dir, "tokenizer_config.json"), lambda tmp: write_json(tmp, config))
+        atomic_write(os.path.join(out_dir, "tokenizer_config.json"),
+                     lambda tmp: write_json(tmp, {**self.config, "chat_template": self.chat_template}))
 
 def builtin_tokenizer():
     """The offline default: 256 byte ids then Llama 3's 256 special tokens (vocab_size 512)."""
@@ -128,8 +126,7 @@ def load_tokenizer(model_dir):
         template = {t.get("name"): t.get("template") for t in template}.get("default")
     if template is None and jinja_path.is_file():  # newer exports keep it in its own file
         template = jinja_path.read_text(encoding="utf-8")
-    config = {**config, **({} if template is None else {"chat_template": template})}
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), config, source_dir=model_dir)
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), {**config, "chat_template": template}, model_dir)
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 def _chat_pieces(tok, messages, add_generation_prompt):
@@ -165,8 +162,7 @@ def _chat_pieces(tok, messages, add_generation_prompt):
         pieces += header(role) + [(text, role == "assistant"), (eot, role == "assistant")]
     return (pieces + header("assistant")) if add_generation_prompt else pieces
 
-def _encode_pieces(tok, conversations):
-    """Encodes many conversations' pieces in one batch; returns (tokens, mask) per conversation."""
+def _encode_pieces(tok, conversations):  # (tokens, mask) per conversation, all encoded in one batch
     flat, lengths = tok.encode_flat([p for pieces in conversations for p, _ in pieces if isinstance(p, str)])
     texts, out = iter(np.split(flat, np.cumsum(lengths)[:-1])), []
     for pieces in conversations:
@@ -188,12 +184,13 @@ def format_chat(tok, messages, add_generation_prompt=False):
 def builtin_corpus_files():
     """The built-in corpus: every .py file of this Python's standard library (no site-packages).
     Real text on every machine, thousands of documents, hundreds longer than 8K tokens."""
-    stdlib = sysconfig.get_paths()["stdlib"]
-    files = sorted(glob.glob("**/*.py", root_dir=stdlib, recursive=True))
-    return [os.path.join(stdlib, f) for f in files if f.split(os.sep)[0] not in ("site-packages", "dist-packages")]
+    files = []
+    for directory, subdirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(".py")]
+    return files
 
-def _expand_inputs(paths):
-    """Files, directories (recursively, hidden names skipped) and globs -> a list of files."""
+def _expand_inputs(paths):  # files, directories (recursively, hidden names skipped) and globs -> files
     files = []
     for pattern in [paths] if isinstance(paths, str) else paths:
         matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
@@ -288,8 +285,7 @@ class TokenFile:
     def __reduce__(self):  # pickled (into a worker process) by path: a memmap would copy the file
         return TokenFile, (self.path,)
 
-    def doc(self, i):
-        """Document i's tokens, a (length,) uint32 view into the memmap."""
+    def doc(self, i):  # document i's tokens, a (length,) uint32 view into the memmap
         return self.tokens[self.offsets[i] : self.offsets[i] + self.lengths[i]]
 
     def __repr__(self):
@@ -322,8 +318,7 @@ def write_token_file(out_dir, batches, stats=dict):
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return TokenFile(out_dir)
 
-def _encode_batches(documents, tok):
-    """(text, domain) pairs -> write_token_file's batches, each small enough to bound memory."""
+def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file's batches, memory bounded
     batch, chars = [], 0
     for text, domain in documents:
         batch.append((text, domain))
@@ -412,8 +407,7 @@ def _empty_batch(*shape):
     return {key: torch.from_numpy(np.empty(shape, dtype=np.int64)) for key in BATCH_KEYS}
 
 @functools.lru_cache(maxsize=2)
-def _count_up(n):
-    """0, 1, ..., n-1, kept: copying it is ~2x faster than computing it for every 4M-token read."""
+def _count_up(n):  # 0..n-1, kept: copying it is ~2x faster than computing it for every 4M-token read
     return np.arange(n)
 
 class PackedDataset:
@@ -515,8 +509,7 @@ def _blend(weights, source_of, usable, seed):
         raise UserError("the weights leave no conversations to train on")
     return blend
 
-def _next_fit(lengths, max_len):
-    """Row bounds of packing in order: a conversation that does not fit starts the next row."""
+def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not fit starts the next row
     bounds, used = [0], 0
     for j, length in enumerate(lengths):
         if used + length > max_len:
@@ -574,8 +567,7 @@ class ChatDataset:
     def __getitem__(self, i):
         return self.read(i, 0, self.ctx)
 
-    def read(self, i, start, stop, out=None):
-        """Positions [start, stop) of row i; `out` as in PackedDataset.read."""
+    def read(self, i, start, stop, out=None):  # positions [start, stop) of row i, as in PackedDataset.read
         tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
         trainable = np.zeros(self.ctx + 1, dtype=bool)  # (ctx+1,) one spare: the last label is -100
         doc_ids, positions = np.full(self.ctx, -1, dtype=np.int64), np.arange(self.ctx, dtype=np.int64)
@@ -619,8 +611,7 @@ class Loader:
             raise UserError(f"{n} sequences do not fill one global batch of {self.global_batch} with drop_last")
         self.epoch, self.step = 0, 0  # the next step within the epoch
 
-    def epoch_order(self, epoch):
-        """The epoch's sequence order, padded to whole global batches: (steps_per_epoch * global_batch,)."""
+    def epoch_order(self, epoch):  # (steps_per_epoch * global_batch,) the epoch's order, whole global batches
         n = len(self.dataset)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return np.resize(order, self.steps_per_epoch * self.global_batch)  # resize repeats from the start
