@@ -49,10 +49,7 @@ def _builtin_backend():  # a real `tokenizers` byte-level BPE, no merges: byte b
                                 for t in LLAMA3_SPECIAL_TOKENS])
     return backend
 
-def _sha256(text):
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-_BUILTIN_IDENTITY = _sha256(_builtin_backend().to_str())
+_BUILTIN_JSON = _builtin_backend().to_str()
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the chat template the recipe needs."""
@@ -62,10 +59,11 @@ class Tokenizer:
         backend.encode_special_tokens = True  # "<|eot_id|>" typed in a text stays text: specials go in by id
         self._backend, self.config, self.source_dir = backend, dict(config), source_dir
         self.chat_template = config.get("chat_template")
-        self.identity = _sha256(backend.to_str())
+        text = backend.to_str()  # the whole tokenizer.json
+        self.identity = hashlib.sha256(text.encode("utf-8")).hexdigest()
         # The built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library there makes the CPU demo
         # and the tests ~100x faster (tests check it is identical).
-        self._bytes_are_ids = self.identity == _BUILTIN_IDENTITY
+        self._bytes_are_ids = text == _BUILTIN_JSON
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
             ids = [backend.token_to_id(n.get("content") if isinstance(n, dict) else n) for n in names if n]
@@ -130,10 +128,9 @@ def load_tokenizer(model_dir):
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 def _chat_pieces(tok, messages, add_generation_prompt):
-    """The template's output as pieces: (special token id, trainable) or (text, trainable), each text
-    encoded on its own as the real tokenizer encodes what lies between two special tokens (the header's
-    "\\n\\n" apart from the stripped content: Llama 3's pre-tokenizer splits there too). The assistant's
-    content is trainable, and so is its <|eot_id|> (the model learns to stop)."""
+    """The template's output as pieces, (special token id or text, trainable), each text encoded on its
+    own (the header's "\\n\\n" too: Llama 3's pre-tokenizer splits it from the stripped content anyway).
+    The assistant's content is trainable, and so is its <|eot_id|> (the model learns to stop)."""
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' is not a non-empty list")
     for j, m in enumerate(messages):
@@ -237,9 +234,8 @@ def read_jsonl(path, bad=None):
                 bad(f"{path} line {n}: {problem}")
 
 def _documents(files, bad, builtin):
-    """Yields (text, domain) for every document, streaming: each line of a JSONL file (.jsonl,
-    .jsonl.gz, .ndjson; domain: its `domain` or the file's name), or a whole other file (domain:
-    its directory's name; the built-in corpus has two, so that per-domain sampling has work to do)."""
+    """Yields (text, domain) for each line of a JSONL file (domain: its `domain` or the file's name) or
+    each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
         if path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             for n, record in read_jsonl(path, bad):
@@ -292,9 +288,8 @@ class TokenFile:
         return f"{self.path} ({self.n_docs} documents, {self.n_tokens} tokens)"
 
 def write_token_file(out_dir, batches, stats=dict):
-    """Writes batches of (flat uint32 ids, lengths, domain names) as tokens.u32, lengths.npy, domains.npy
-    and meta.json (with stats(), asked once the batches are written) into a temporary directory, then
-    renames it to out_dir: a token file is whole or absent."""
+    """Writes batches of (flat uint32 ids, lengths, domain names) and meta.json (with stats(), asked once
+    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent."""
     tmp_dir, lengths, domains, names = f"{out_dir}.tmp-{uuid.uuid4().hex}", array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
     try:
@@ -336,7 +331,8 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     builtin = paths is None
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
-    out_dir = os.path.join(cache_dir, "tokens-" + _sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]))[:20])
+    key = hashlib.sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]).encode("utf-8")).hexdigest()
+    out_dir = os.path.join(cache_dir, "tokens-" + key[:20])
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         if log:
             log(f"reusing {TokenFile(out_dir)}")
@@ -353,11 +349,10 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
 # --- Stage 1: length-based sampling ---------------------------------------------------------------
 def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG_DOC,
                      down_rate=DOWN_RATE, up_rate=UP_RATE, log=print):
-    """Document indices (int64, in order) sampled per domain by length up to `budget_tokens`. A document's
-    expected number of copies is proportional to its rate: `down_rate` below `short` tokens, `up_rate`
-    above `long`, 1 in between. Every domain keeps its share of the corpus's tokens: its copies are
-    drawn (seeded) and cut at its share; the domains are then shuffled together and cut at the budget,
-    so the total is the budget plus less than one document."""
+    """Document indices (int64, in order) sampled by length up to `budget_tokens`: a document's expected
+    copies are proportional to its rate, `down_rate` below `short` tokens, `up_rate` above `long`, else 1.
+    Each domain's copies are drawn (seeded) and cut at its share of the corpus's tokens; the domains are
+    then shuffled together and cut at the budget (the total exceeds it by less than one document)."""
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
     if not 0 < short <= long:
@@ -394,8 +389,7 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
 
 # --- Stage 1: packing with separators -------------------------------------------------------------
 def separator_ids(tok, separator="<s>"):
-    """The ids that follow every document: the paper's "<s>" (plain text, tokenized as text), the
-    tokenizer's bos or eos token, or nothing (the ablation without a separator)."""
+    """The ids after every document: the paper's "<s>" (tokenized as text), bos, eos, or none (ablations)."""
     ids = {"<s>": tok.encode("<s>"), "bos": [tok.bos_id], "eos": [tok.eos_id], "none": []}
     if separator not in ids:
         raise UserError(f"unknown separator {separator!r}; expected one of {', '.join(ids)}")
@@ -414,10 +408,9 @@ class PackedDataset:
     """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
     followed by the separator: a document longer than what is left continues in the next sequence,
     whose first input is i's last label, so every stream token but the first is a label exactly once.
-    The last, partial sequence is padded (pad_id, labels -100, doc_ids -1) unless drop_last. A read
-    holds only that sequence in memory.
-    doc_ids: the index in `doc_order` (the separator belongs to its document). positions: 0..ctx-1,
-    or with doc_mask the offset since the document (or the sequence) began."""
+    The last, partial sequence is padded (pad_id, labels -100, doc_ids -1) unless drop_last. doc_ids:
+    the index in `doc_order` (the separator belongs to its document); positions: 0..ctx-1, or with
+    doc_mask the offset since the document (or the sequence) began. A read holds one sequence only."""
     def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False):
         self.token_file, self.ctx, self.doc_mask, self.pad_id = token_file, ctx, doc_mask, pad_id
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
@@ -476,10 +469,9 @@ class PackedDataset:
 
 # --- Stage 2: chat data ---------------------------------------------------------------------------
 def _record_pieces(tok, record):
-    """A record -> template pieces: a list of messages or {"messages": [...]}; or a plain {"prompt",
-    "completion"}, no template: <|begin_of_text|> prompt completion <|end_of_text|>, trained on the
-    completion and the end token (with "train_eos": false on the completion alone), the two encoded
-    apart as generation sees them."""
+    """A record -> pieces: a list of messages or {"messages": [...]}; or a plain {"prompt", "completion"}
+    (no template: <|begin_of_text|> prompt completion <|end_of_text|>, the two encoded apart as generation
+    sees them), trained on the completion and the end token ("train_eos": false: the completion alone)."""
     if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
         prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
@@ -519,11 +511,11 @@ def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not 
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
 class ChatDataset:
-    """Chat records (see _record_pieces) formatted as format_chat does, blended by weight (see _blend)
-    and packed in their shuffled order into padded rows of at most max_len tokens; labels are -100 but
-    where format_chat's mask is True. sources: [(a JSONL path or glob, or a list of records; weight)].
-    A conversation longer than max_len is truncated (truncate=True) or skipped; a bad record raises
-    UserError naming file and line, or with skip_bad is skipped. `stats`: the counts."""
+    """sources: [(a JSONL path or glob, or a list of records; weight)]. The records (see _record_pieces),
+    formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
+    of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
+    truncated (or with truncate=False skipped); a bad record raises UserError, or with skip_bad is skipped
+    (`stats` counts both)."""
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, truncate=True, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad, pieces, source_of = _BadRecords(skip_bad), [], []
