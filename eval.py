@@ -1,7 +1,6 @@
 """Long-context evaluation: needle in a haystack, passkey, perplexity by position, JSONL benchmarks.
 
-    python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1
-    python eval.py passkey --model DIR --lengths 4K,8K --depths 0,0.5,1
+    python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -19,9 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import attention, data
+import attention, data, rope, train
 import model as M
-import rope, train
 from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens
@@ -47,7 +45,6 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 def refuse(problems):
-    """Raise UserError with the sentence of the first (condition, sentence) whose condition holds."""
     for bad, sentence in problems:
         if bad:
             raise UserError(sentence)
@@ -92,7 +89,6 @@ def generation_budget(tok, answers: list[str]) -> int:
     return 2 * len(tok.encode(" " + ", ".join(answers))) + 8
 
 def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
-    """n tokens of whole documents in a random order (cycling if need be), blank lines between them."""
     order, out, i = list(range(token_file.n_docs)), [], 0
     rng.shuffle(order)
     while len(out) < n:
@@ -182,7 +178,6 @@ def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tok
 
 # ---- the model side: loading, greedy answers, context parallel
 def load_model(path: str, dtype: str, device: torch.device):
-    """An HF-layout directory -> (model in eval mode, tokenizer)."""
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
     bf16 = dtype == "bf16" or dtype == "auto" and device.type == "cuda"
@@ -218,11 +213,11 @@ def check_cp_launch(cp: int, world: int):
                           f"every process (there is no data-parallel evaluation); pass --cp {world}")])
 
 @torch.no_grad()
-def cp_prefill(model, prompt: list[int], group=None, room: int = 0, block_size=attention.DEFAULT_BLOCK_SIZE):
-    """Prefill `prompt` split over the ranks of `group`: (its last token's logits (1, vocab) fp32, the same on
-    every rank; this rank's KV caches with `room` slots left; its global positions (T,)). The prompt is padded
-    at the END to a multiple of 2 x cp: under the causal mask no real token sees a later one. Each rank runs its
-    zigzag shard with ring attention, keeping 1/cp of the KV cache (Llama 3.1 8B in bf16: 128 KiB per token)."""
+def cp_prefill(model, prompt: list[int], group=None, room: int = 0):
+    """Prefill `prompt` split over `group`, whose ring attention the model runs (cp_generate sets it): (the last
+    token's logits (1, vocab) fp32, the same on every rank; this rank's KV caches with `room` slots left; its
+    global positions (T,)). Padded at the END to a multiple of 2 x cp: under the causal mask no real token sees
+    a later one. A rank keeps its zigzag shard: 1/cp of the KV cache (Llama 3.1 8B, bf16: 128 KiB per token)."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     n, weight, args = len(prompt), model.output.weight, model.args
     padded = -(-n // (2 * cp)) * 2 * cp
@@ -230,11 +225,7 @@ def cp_prefill(model, prompt: list[int], group=None, room: int = 0, block_size=a
     tokens = torch.tensor(prompt + [0] * (padded - n), device=weight.device)[positions][None]  # (1, T); any id pads
     caches = [M.KVCache(1, len(positions) + room, args.n_kv_heads, args.head_dim, weight.dtype, weight.device)
               for _ in range(args.n_layers)]
-    model.set_attention(partial(attention.ring_attention, group=group, block_size=block_size))
-    try:
-        h = model.hidden_states(tokens, positions[None], caches=caches)  # (1, T, dim)
-    finally:
-        model.set_attention(attention.chunked_attention)
+    h = model.hidden_states(tokens, positions[None], caches=caches)  # (1, T, dim)
     h_last = h[0, positions == n - 1].sum(0, keepdim=True)  # (1, dim): the last token's rank adds it, others 0
     dist.all_reduce(h_last, group=group)
     return model.output(h_last).float(), caches, positions
@@ -244,7 +235,6 @@ def cp_decode_attention(prompt_keys: torch.Tensor, group=None, block_size=attent
     are real (not pads); the decoded tokens' keys, cached on every rank, count on rank 0 only. Every rank
     merges all ranks' partial (out, lse) in rank order: the same output everywhere, bit for bit."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
-
     def attend(q, k, v, causal=True, doc_ids=None):
         # q (1, 1, H, D): the new token, the same on every rank; k, v (1, Tk, KV, D): this rank's cache
         decoded = torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)
@@ -266,11 +256,11 @@ def cp_decode_attention(prompt_keys: torch.Tensor, group=None, block_size=attent
 def cp_generate(model, prompt, max_new_tokens, stop_ids=(), group=None, block_size=attention.DEFAULT_BLOCK_SIZE):
     """Greedy continuation of one prompt split over the ranks of `group`: every rank returns the same new ids
     as Llama.generate on one device. Decoding is bound by the latency of 1 all_gather per layer per token."""
-    n, device = len(prompt), model.output.weight.device
-    logits, caches, positions = cp_prefill(model, prompt, group, max_new_tokens, block_size)
-    model.set_attention(cp_decode_attention(positions < n, group, block_size))
-    out = []
+    n, device, out = len(prompt), model.output.weight.device, []
+    model.set_attention(partial(attention.ring_attention, group=group, block_size=block_size))
     try:
+        logits, caches, positions = cp_prefill(model, prompt, group, max_new_tokens)
+        model.set_attention(cp_decode_attention(positions < n, group, block_size))
         for i in range(max_new_tokens):
             next_id = logits.argmax(-1)  # (1,)
             # rank 0's choice, one integer: ranks that disagreed on a near-tie would stop apart and hang
@@ -300,7 +290,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 def pyplot():
-    """matplotlib's pyplot with a file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -444,7 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def fill_defaults(args, window: int):
-    """Lengths, depths, the output directory; checked, and a warning beyond the window."""
     args.out = args.out or os.path.join("out", "eval", args.task)
     args.lengths = sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
                           else {max(256, window // k) for k in (8, 4, 2, 1)})
