@@ -44,7 +44,7 @@ def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
-def refuse(problems):
+def refuse(problems):  # raises the sentence of the first (condition, sentence) that holds
     for bad, sentence in problems:
         if bad:
             raise UserError(sentence)
@@ -96,28 +96,20 @@ def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
         i += 1
     return out[:n]
 
-def needle_prompt(tok, chat: bool, parts: tuple, haystack: list[int], needle: str, depth: float) -> dict:
-    """parts = (head, question, answer prefix) around the haystack, the needle its own line at fraction `depth`
-    of it: the tokens, the context's and the needle's token spans, the haystack tokens before it / all."""
-    head, question, answer_prefix = parts
+def needle_context(tok, haystack: list[int], needle: str, depth: float) -> str:
+    """The haystack's text with the needle its own line at fraction `depth` of it, moved by at most 0.5% of the
+    haystack, or 8 tokens, to a word boundary: the needle splits no word."""
     at, radius = round(depth * len(haystack)), max(8, len(haystack) // 200)
-    # moved by at most 0.5% of the haystack, or 8 tokens, to a word boundary: the needle splits no word
     at = next((p for p in sorted(range(at - radius, at + radius + 1), key=lambda p: abs(p - at))
                if p in (0, len(haystack)) or 0 < p < len(haystack) and (tok.decode(haystack[p - 1:p])[-1:].isspace()
                                                                       or tok.decode(haystack[p:p + 1])[:1].isspace())), at)
-    context = tok.decode(haystack[:at]) + f"\n{needle}\n" + tok.decode(haystack[at:])
-    message = head + context + "\n" + question
-    tokens, start, lead = prompt_tokens(tok, message, answer_prefix, chat)
-    at = len(head) + context.index(f"\n{needle}\n") + 1
-    c0, c1, a, b = [start + len(tok.encode(lead + message[:i]))
-                    for i in (len(head), len(head) + len(context), at, at + len(needle))]
-    return dict(tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
-                needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
+    return tok.decode(haystack[:at]) + f"\n{needle}\n" + tok.decode(haystack[at:])
 
 def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystack=None, chat: bool = True,
                 max_new_tokens: int | None = None) -> dict:
     """A niah (7-digit number in the haystack TokenFile's documents) or passkey (5-digit key in FILLER) item of
-    `length` tokens with its budget: n is corrected by what the prompt measures; the longest that fits is kept."""
+    `length` tokens with its budget: n is corrected by what the prompt measures; the longest that fits is kept.
+    With the token spans of the context and of the needle, and its depth: the haystack tokens before it / all."""
     rng = random.Random(seed)
     head, needle, question, answer_prefix = NIAH if task == "niah" else PASSKEY
     answer = str(rng.randint(1_000_000, 9_999_999) if task == "niah" else rng.randint(10_000, 99_999))
@@ -131,15 +123,20 @@ def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystac
     stream = take_haystack(haystack, tok, target, rng) if task == "niah" else unit * (target // len(unit) + 1)
     best, last = None, None
     for _ in range(FIT_TRIES):
-        sample = needle_prompt(tok, chat, (head, question, answer_prefix), stream[:n], needle, depth)
-        size = len(sample["tokens"])
-        if size <= target and (best is None or size > len(best["tokens"])):
-            best = sample
-        if size == target or size == last and best is not None:
+        context = needle_context(tok, stream[:n], needle, depth)
+        tokens, start, lead = prompt_tokens(tok, head + context + "\n" + question, answer_prefix, chat)
+        if len(tokens) <= target and (best is None or len(tokens) > len(best[0])):
+            best = tokens, start, lead, context
+        if len(tokens) == target or len(tokens) == last and best is not None:
             break
-        n, last = n + target - size, size
+        n, last = n + target - len(tokens), len(tokens)
+    tokens, start, lead, context = best
+    at = len(head) + context.index(f"\n{needle}\n") + 1  # the needle's first character in the message
+    c0, c1, a, b = [start + len(tok.encode(lead + (head + context)[:i]))
+                    for i in (len(head), len(head) + len(context), at, at + len(needle))]
     return dict(task=task, depth=depth, seed=seed, length=length, max_new_tokens=budget, answers=[answer],
-                needle=needle, **best)
+                needle=needle, tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
+                needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
 
 def read_records(path: str) -> list[dict]:
     """InfiniteBench/LV-Eval records: 'context', optional 'input' (or a raw 'prompt' instead, as sft.py's

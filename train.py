@@ -45,14 +45,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="default: on GPUs")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=False, help="attend within each "
-                   "document only (train.py: off, as the paper; sft.py: on)")
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, help="attend within each document only")
     p.set_defaults(loss_weighting="token", world=None)  # options of one stage only
     return p
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser("Stage 1: continued pretraining with YaRN on long packed documents (see README)")
-    p.set_defaults(out="out/train")
+    p.set_defaults(out="out/train", doc_mask=False)  # the paper's stage 1 attends across documents
     p.add_argument("--data", nargs="*", help="files, directories or globs (absent: the built-in corpus)")
     p.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept and reused")
     p.add_argument("--ctx", help="window to train at, e.g. 4K or 1M (default: 1M, tiny: 4K)")
@@ -113,10 +112,7 @@ class Dist:
     cp_rank: int = 0
     cp_group: object = None
     fsdp_mesh: object = None  # every rank: parameters are sharded over all of them
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)
 
 def setup_distributed(cp: int) -> Dist:
     """Joins torchrun's process group (NCCL on GPUs, gloo on CPU) and its (dp, cp) mesh; alone, nothing."""
@@ -263,9 +259,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return tflops and tflops * 1e12 / (1 if dtype == torch.bfloat16 else 2)
 
 def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # ru_maxrss: KiB
 
 def memory_plan(margs: M.ModelArgs, ctx: int, world: int, cp: int, micro_batch: int = 1,
                 compute_bytes: int = 2, activation_checkpointing: bool = True) -> dict[str, float]:
