@@ -1,7 +1,6 @@
 """Long-context evaluation: needle in a haystack, passkey, perplexity by position, JSONL benchmarks.
 
-    python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1
-    python eval.py passkey --model DIR --lengths 4K,8K --depths 0,0.5,1
+    python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -19,9 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import attention, data
+import attention, data, rope, train
 import model as M
-import rope, train
 from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens
@@ -36,10 +34,7 @@ PASSKEY = ("There is an important info hidden inside a lot of irrelevant text. F
 JSONL_HEAD = "Read the following text and answer the question. Be very concise in your answer.\n\n"
 
 def format_length(n: int) -> str:
-    for suffix, scale in (("M", 1 << 20), ("K", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{suffix}"
-    return str(n)
+    return next((f"{n // s}{x}" for x, s in (("M", 1 << 20), ("K", 1 << 10)) if n >= s and n % s == 0), str(n))
 
 def derive_seed(*parts) -> int:
     """A seed for one item from everything that names it; independent of Python's hash()."""
@@ -49,8 +44,7 @@ def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
-def refuse(problems):
-    """Raise UserError with the sentence of the first (condition, sentence) whose condition holds."""
+def refuse(problems):  # raises the sentence of the first (condition, sentence) that holds
     for bad, sentence in problems:
         if bad:
             raise UserError(sentence)
@@ -66,18 +60,13 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 
 def token_f1(prediction: str, answers: list[str]) -> float:
     """Best bag-of-words F1 against the references (SQuAD, LongBench, InfiniteBench's qa_f1)."""
-    best, predicted = 0.0, collections.Counter(normalize_answer(prediction).split())
-    for answer in answers:
-        reference = collections.Counter(normalize_answer(answer).split())
-        common = sum((predicted & reference).values())
-        if common:
-            precision, recall = common / sum(predicted.values()), common / sum(reference.values())
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
+    predicted = collections.Counter(normalize_answer(prediction).split())
+    references = [collections.Counter(normalize_answer(a).split()) for a in answers]
+    # F1 = 2PR / (P + R) = 2 x common words / (predicted words + reference words)
+    return max(2 * (predicted & r).total() / max(predicted.total() + r.total(), 1) for r in references)
 
 def string_match(prediction: str, answers: list[str]) -> float:
-    """The fraction of references found in the prediction as case-insensitive substrings (RULER's
-    string_match_all): "1234567." and "It is 1234567" both find 1234567."""
+    """RULER's string_match_all: the fraction of references in the prediction, case-insensitive substrings."""
     return sum(a.lower() in prediction.lower() for a in answers) / len(answers)
 
 METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": string_match}
@@ -86,24 +75,20 @@ SCORES = {"niah": ["exact_match", "string_match"], "passkey": ["string_match", "
 
 # ---- prompts: a needle in a haystack, or a JSONL record
 def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
-    """(tokens, start, lead): format_chat's frame around the user's message, then the answer prefix;
-    without a chat frame <|begin_of_text|>, the message, a newline and the prefix. The message's
-    tokens begin at `start` as tok.encode(lead + message) (format_chat writes "\\n\\n" + message)."""
+    """(tokens, start, lead): format_chat's frame (or <|begin_of_text|> alone) around the message, then
+    the answer prefix; the message's tokens begin at `start` and are tok.encode(lead + message)."""
     if not chat:
         bos = [] if tok.bos_id is None else [tok.bos_id]
         return bos + tok.encode(message + (f"\n{answer_prefix}" if answer_prefix else "")), len(bos), ""
     tokens, _ = data.format_chat(tok, [{"role": "user", "content": message}], add_generation_prompt=True)
-    end_header = tok.token_id("<|end_header_id|>")
-    user_header = [i for i, t in enumerate(tokens) if t == end_header][-2]  # the last is the assistant's
-    return tokens + tok.encode(answer_prefix), user_header + 1, "\n\n"
+    header_ends = [i + 1 for i, t in enumerate(tokens) if t == tok.token_id("<|end_header_id|>")]
+    return tokens + tok.encode(answer_prefix), header_ends[-2], "\n\n"  # [-1] is the assistant's header
 
 def generation_budget(tok, answers: list[str]) -> int:
     """Twice the references' tokens (models add words and punctuation) + 8 for the stop token."""
     return 2 * len(tok.encode(" " + ", ".join(answers))) + 8
 
 def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
-    """n tokens of whole documents in a random order (cycling if the corpus is short), blank lines
-    between them, cut at n."""
     order, out, i = list(range(token_file.n_docs)), [], 0
     rng.shuffle(order)
     while len(out) < n:
@@ -111,30 +96,20 @@ def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
         i += 1
     return out[:n]
 
-def needle_prompt(tok, chat: bool, parts: tuple, haystack: list[int], needle: str, depth: float) -> dict:
-    """The prompt of parts = (head, question, answer prefix) around the haystack, the needle its own
-    line at fraction `depth` of it; the token spans of the context and of the needle, and the needle's
-    depth: the haystack tokens before it / all of them."""
-    head, question, answer_prefix = parts
+def needle_context(tok, haystack: list[int], needle: str, depth: float) -> str:
+    """The haystack's text with the needle its own line at fraction `depth` of it, moved by at most 0.5% of the
+    haystack, or 8 tokens, to a word boundary: the needle splits no word."""
     at, radius = round(depth * len(haystack)), max(8, len(haystack) // 200)
-    # moved by at most 0.5% of the haystack, or 8 tokens, to a word boundary: the needle splits no word
     at = next((p for p in sorted(range(at - radius, at + radius + 1), key=lambda p: abs(p - at))
                if p in (0, len(haystack)) or 0 < p < len(haystack) and (tok.decode(haystack[p - 1:p])[-1:].isspace()
                                                                       or tok.decode(haystack[p:p + 1])[:1].isspace())), at)
-    context = tok.decode(haystack[:at]) + f"\n{needle}\n" + tok.decode(haystack[at:])
-    message = head + context + "\n" + question
-    tokens, start, lead = prompt_tokens(tok, message, answer_prefix, chat)
-    at = len(head) + context.index(f"\n{needle}\n") + 1
-    c0, c1, a, b = [start + len(tok.encode(lead + message[:i]))
-                    for i in (len(head), len(head) + len(context), at, at + len(needle))]
-    return dict(tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
-                needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
+    return tok.decode(haystack[:at]) + f"\n{needle}\n" + tok.decode(haystack[at:])
 
 def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystack=None, chat: bool = True,
                 max_new_tokens: int | None = None) -> dict:
-    """One niah item (a 7-digit number in the haystack TokenFile's documents) or passkey item (a 5-digit
-    key in FILLER) whose prompt plus generation budget is `length` tokens: the haystack's size n is
-    corrected by what the whole prompt measures, and the longest prompt that fits is kept."""
+    """A niah (7-digit number in the haystack TokenFile's documents) or passkey (5-digit key in FILLER) item of
+    `length` tokens with its budget: n is corrected by what the prompt measures; the longest that fits is kept.
+    With the token spans of the context and of the needle, and its depth: the haystack tokens before it / all."""
     rng = random.Random(seed)
     head, needle, question, answer_prefix = NIAH if task == "niah" else PASSKEY
     answer = str(rng.randint(1_000_000, 9_999_999) if task == "niah" else rng.randint(10_000, 99_999))
@@ -148,20 +123,24 @@ def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystac
     stream = take_haystack(haystack, tok, target, rng) if task == "niah" else unit * (target // len(unit) + 1)
     best, last = None, None
     for _ in range(FIT_TRIES):
-        sample = needle_prompt(tok, chat, (head, question, answer_prefix), stream[:n], needle, depth)
-        size = len(sample["tokens"])
-        if size <= target and (best is None or size > len(best["tokens"])):
-            best = sample
-        if size == target or size == last and best is not None:
+        context = needle_context(tok, stream[:n], needle, depth)
+        tokens, start, lead = prompt_tokens(tok, head + context + "\n" + question, answer_prefix, chat)
+        if len(tokens) <= target and (best is None or len(tokens) > len(best[0])):
+            best = tokens, start, lead, context
+        if len(tokens) == target or len(tokens) == last and best is not None:
             break
-        n, last = n + target - size, size
+        n, last = n + target - len(tokens), len(tokens)
+    tokens, start, lead, context = best
+    at = len(head) + context.index(f"\n{needle}\n") + 1  # the needle's first character in the message
+    c0, c1, a, b = [start + len(tok.encode(lead + (head + context)[:i]))
+                    for i in (len(head), len(head) + len(context), at, at + len(needle))]
     return dict(task=task, depth=depth, seed=seed, length=length, max_new_tokens=budget, answers=[answer],
-                needle=needle, **best)
+                needle=needle, tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
+                needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
 
 def read_records(path: str) -> list[dict]:
-    """JSONL benchmarks (InfiniteBench, LV-Eval style): records with a 'context' string, an 'input'
-    string (may be absent) and 'answers' (or InfiniteBench's 'answer'): a string or a non-empty list
-    of strings. Or a raw 'prompt' string instead of context and input (sft.py's prompt records)."""
+    """InfiniteBench/LV-Eval records: 'context', optional 'input' (or a raw 'prompt' instead, as sft.py's
+    records), and 'answers' (InfiniteBench: 'answer'): a string or a non-empty list of strings."""
     records = []
     for line, r in data.read_jsonl(path):
         answers = r.get("answers", r.get("answer"))
@@ -196,7 +175,6 @@ def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tok
 
 # ---- the model side: loading, greedy answers, context parallel
 def load_model(path: str, dtype: str, device: torch.device):
-    """An HF-layout directory -> (model in eval mode, tokenizer)."""
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
     bf16 = dtype == "bf16" or dtype == "auto" and device.type == "cuda"
@@ -209,9 +187,8 @@ def load_model(path: str, dtype: str, device: torch.device):
     return model, tok
 
 def generate_items(model, tok, samples, metrics: dict, d, desc: str = "", total: int | None = None) -> list[dict]:
-    """Greedy answers to samples {tokens, answers, max_new_tokens, item fields...} taken one at a time
-    (a 1M-token prompt exists once): per sample its fields but the prompt, the prediction, and scores
-    {name: metric(prediction, answers)} over `metrics`. Under --cp every rank gives the same samples."""
+    """Greedy answers to samples {tokens, answers, max_new_tokens, ...} one at a time (a 1M-token prompt exists
+    once; under --cp each rank gives the same): items of their fields but the prompt, prediction, scores."""
     items = []
     for s in tqdm(samples, total=total, desc=desc, unit="sample", dynamic_ncols=True, delay=1):
         new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group) if d.world > 1 \
@@ -233,14 +210,11 @@ def check_cp_launch(cp: int, world: int):
                           f"every process (there is no data-parallel evaluation); pass --cp {world}")])
 
 @torch.no_grad()
-def cp_prefill(model, prompt: list[int], group=None, room: int = 0, block_size=attention.DEFAULT_BLOCK_SIZE):
-    """Prefill `prompt` split over the ranks of `group`: (logits of its last token (1, vocab) fp32, the
-    same on every rank; this rank's KV caches with `room` slots left; its global positions (T,)).
-
-    The prompt is padded at the END to a multiple of 2 x cp: under the causal mask no real token
-    attends to a later one, so every real token's result is exactly the unpadded one. Each rank
-    runs its zigzag shard through the model in one pass with ring attention and keeps its shard's
-    keys and values: 1/cp of the KV cache (Llama 3.1 8B in bf16: 128 KiB per token)."""
+def cp_prefill(model, prompt: list[int], group=None, room: int = 0):
+    """Prefill `prompt` split over `group`, whose ring attention the model runs (cp_generate sets it): (the last
+    token's logits (1, vocab) fp32, the same on every rank; this rank's KV caches with `room` slots left; its
+    global positions (T,)). Padded at the END to a multiple of 2 x cp: under the causal mask no real token sees
+    a later one. A rank keeps its zigzag shard: 1/cp of the KV cache (Llama 3.1 8B, bf16: 128 KiB per token)."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     n, weight, args = len(prompt), model.output.weight, model.args
     padded = -(-n // (2 * cp)) * 2 * cp
@@ -248,51 +222,42 @@ def cp_prefill(model, prompt: list[int], group=None, room: int = 0, block_size=a
     tokens = torch.tensor(prompt + [0] * (padded - n), device=weight.device)[positions][None]  # (1, T); any id pads
     caches = [M.KVCache(1, len(positions) + room, args.n_kv_heads, args.head_dim, weight.dtype, weight.device)
               for _ in range(args.n_layers)]
-    model.set_attention(partial(attention.ring_attention, group=group, block_size=block_size))
-    try:
-        h = model.hidden_states(tokens, positions[None], caches=caches)  # (1, T, dim)
-    finally:
-        model.set_attention(attention.chunked_attention)
+    h = model.hidden_states(tokens, positions[None], caches=caches)  # (1, T, dim)
     h_last = h[0, positions == n - 1].sum(0, keepdim=True)  # (1, dim): the last token's rank adds it, others 0
     dist.all_reduce(h_last, group=group)
     return model.output(h_last).float(), caches, positions
 
 def cp_decode_attention(prompt_keys: torch.Tensor, group=None, block_size=attention.DEFAULT_BLOCK_SIZE):
-    """The attention function for one decode step under cp. prompt_keys (T,) bool: which of this
-    rank's first T cached keys are real (not pads). The decoded tokens' keys, appended by the model
-    on every rank, count on rank 0 only, so each key counts once. Every rank gathers every rank's
-    partial (out, lse) and merges them in rank order: the same output everywhere, bit for bit."""
+    """One decode step's attention under cp. prompt_keys (T,) bool: which of this rank's first T cached keys
+    are real (not pads); the decoded tokens' keys, cached on every rank, count on rank 0 only. Every rank
+    merges all ranks' partial (out, lse) in rank order: the same output everywhere, bit for bit."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
-
     def attend(q, k, v, causal=True, doc_ids=None):
         # q (1, 1, H, D): the new token, the same on every rank; k, v (1, Tk, KV, D): this rank's cache
         decoded = torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)
         visible = torch.cat([prompt_keys, decoded])  # (Tk,)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # head-major
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (1, H, 1, D)
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)  # (1, H, 1): no key seen yet
+        both = torch.zeros(*q.shape[:3], q.shape[3] + 1, device=q.device)  # (1, H, 1, D + 1) fp32: out, then lse
+        out, lse = both[..., :-1], both[..., -1].fill_(float("-inf"))  # views; lse -inf: no key seen yet
         for start in range(0, k.shape[2], block_size):  # bounded memory for the scores
             cols = slice(start, start + block_size)
             attention.merge_partial_attention(out, lse, *attention.attention_block_forward(
                 q, k[:, :, cols], v[:, :, cols], 1.0 / math.sqrt(q.shape[-1]), mask=visible[None, None, cols]))
-        outs, lses = [torch.empty_like(out) for _ in range(cp)], [torch.empty_like(lse) for _ in range(cp)]
-        dist.all_gather(outs, out, group=group)
-        dist.all_gather(lses, lse, group=group)
-        weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # (cp, 1, H, 1, 1): exp(lse_r - lse)
-        return (weights * torch.stack(outs)).sum(0).transpose(1, 2).to(q.dtype)  # (1, 1, H, D)
+        parts = [torch.empty_like(both) for _ in range(cp)]
+        dist.all_gather(parts, both, group=group)  # one collective carries out and lse
+        outs, lses = torch.stack(parts).split([q.shape[-1], 1], dim=-1)  # (cp, 1, H, 1, D), (cp, 1, H, 1, 1)
+        return (torch.softmax(lses, dim=0) * outs).sum(0).transpose(1, 2).to(q.dtype)  # (1, 1, H, D)
     return attend
 
 @torch.no_grad()
-def cp_generate(model, prompt: list[int], max_new_tokens: int, stop_ids=(), group=None,
-                block_size=attention.DEFAULT_BLOCK_SIZE) -> list[int]:
-    """Greedy continuation of one prompt split over the ranks of `group`: every rank returns the
-    same new ids (the stop token included if hit), as Llama.generate does on one device. Decoding
-    costs 2 all_gathers per layer per token, so it is bound by their latency."""
-    n, device = len(prompt), model.output.weight.device
-    logits, caches, positions = cp_prefill(model, prompt, group, max_new_tokens, block_size)
-    model.set_attention(cp_decode_attention(positions < n, group, block_size))
-    out = []
+def cp_generate(model, prompt, max_new_tokens, stop_ids=(), group=None, block_size=attention.DEFAULT_BLOCK_SIZE):
+    """Greedy continuation of one prompt split over the ranks of `group`: every rank returns the same new ids
+    as Llama.generate on one device. Decoding is bound by the latency of 1 all_gather per layer per token."""
+    n, device, out = len(prompt), model.output.weight.device, []
+    model.set_attention(partial(attention.ring_attention, group=group, block_size=block_size))
     try:
+        logits, caches, positions = cp_prefill(model, prompt, group, max_new_tokens)
+        model.set_attention(cp_decode_attention(positions < n, group, block_size))
         for i in range(max_new_tokens):
             next_id = logits.argmax(-1)  # (1,)
             # rank 0's choice, one integer: ranks that disagreed on a near-tie would stop apart and hang
@@ -322,7 +287,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 def pyplot():
-    """matplotlib's pyplot with a file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -333,8 +297,7 @@ def pyplot():
 
 def draw(out_dir: str, task: str, aggregate: dict):
     """The run's picture: perplexity by position (ppl) or a length x depth heatmap (red 0, green 1)."""
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         return print(f"matplotlib is not installed, so no PNG was drawn; the numbers are in {out_dir}/results.json. "
                      f"Install it (pip install matplotlib) and run `python eval.py plot {out_dir}`.")
     if task == "ppl":
@@ -353,8 +316,7 @@ def draw(out_dir: str, task: str, aggregate: dict):
         for (row, col), value in np.ndenumerate(scores):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
     path = os.path.join(out_dir, "ppl_by_position.png" if task == "ppl" else f"{task}_heatmap.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
 
@@ -369,8 +331,7 @@ def plot_saved(out_dir: str):
 
 # ---- the runs: build the samples, generate, score, aggregate, write
 def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], metric: str) -> dict:
-    """niah and passkey: the mean of `metric` over the items (each item counts once) in all, by
-    length, and by (depth, length) cell."""
+    """niah, passkey: the mean of `metric` over the items (each counts once): in all, by length, by cell."""
     def score(keep):
         return mean(it["scores"][metric] for it in items if keep(it))
     return {"score": score(lambda it: True), "metric": metric,
@@ -399,13 +360,12 @@ def run_generation(args, model, tok, d):
     if args.task == "jsonl":  # each record counts once
         aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics},
                          truncated=sum(it["truncated"] for it in items), records=len(items))
-    else:
-        aggregate = grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
-    write_results(args, items, aggregate)
-    if args.task == "jsonl":
+        write_results(args, items, aggregate)
         print(f"jsonl: exact match {aggregate['exact_match']:.3f}, F1 {aggregate['f1']:.3f} over {len(items)} records "
               f"({aggregate['truncated']} cut in the middle to {format_length(args.max_len)} tokens)")
     else:
+        aggregate = grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
+        write_results(args, items, aggregate)
         draw(args.out, args.task, aggregate)
         print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
 
@@ -427,9 +387,8 @@ def run_ppl(args, model, tok, d):
     n_buckets = math.ceil((length - 1) / bucket)
     sums, counts, items = np.zeros(n_buckets), np.zeros(n_buckets, dtype=np.int64), []
     for name, tokens in tqdm(sequences, desc="ppl", unit="doc", dynamic_ncols=True):
-        x = torch.tensor([tokens], device=model.output.weight.device)  # (1, T)
-        labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)  # position t predicts token t + 1
-        losses = model(x, labels=labels, reduction="none")[0, :-1].double().cpu().numpy()  # (T - 1,)
+        x = torch.tensor([tokens], device=model.output.weight.device)  # (1, T): position t predicts token t + 1
+        losses = model(x[:, :-1], labels=x[:, 1:], reduction="none")[0].double().cpu().numpy()  # (T - 1,)
         index = np.arange(1, len(tokens)) // bucket
         doc_sums, doc_counts = np.bincount(index, losses, n_buckets), np.bincount(index, minlength=n_buckets)
         sums, counts = sums + doc_sums, counts + doc_counts
@@ -471,7 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def fill_defaults(args, window: int):
-    """Lengths, depths, the output directory; checked, and a warning beyond the window."""
     args.out = args.out or os.path.join("out", "eval", args.task)
     args.lengths = sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
                           else {max(256, window // k) for k in (8, 4, 2, 1)})

@@ -7,8 +7,7 @@ One flat loop (nanoGPT-style), which sft.py runs too, parallelised with what PyT
 (dp, cp) DeviceMesh, FSDP2 `fully_shard` per layer over all ranks, per-layer activation checkpointing,
 and ring attention (attention.py) on the cp sub-group.
 """
-
-import argparse, json, math, os, shutil, time, warnings
+import argparse, glob, json, math, os, pathlib, resource, shutil, time, warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,19 +19,16 @@ import model as M
 import rope
 from rope import UserError
 
-# The optimiser and its schedule are ProLong's (the paper publishes only the peak learning rate)
-LR_WARMUP = 0.1  # linear warmup over this fraction of the steps,
-MIN_LR_RATIO = 0.1  # then a cosine down to 0.1 x the peak
+# The optimiser and its schedule are ProLong's (the paper publishes only the peak learning rate):
+LR_WARMUP, MIN_LR_RATIO = 0.1, 0.1  # linear warmup over 10% of the steps, then a cosine down to 0.1 x the peak
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
-YARN_BETA_FAST, YARN_BETA_SLOW = 4.0, 1.0  # the paper's YaRN beta = 4, alpha = 1 (RECIPE.md)
+YARN_BETAS = (4.0, 1.0)  # (beta_fast, beta_slow): the paper's YaRN beta = 4, alpha = 1 (RECIPE.md)
 KEEP = 2  # complete checkpoints kept: the newest, and one more in case the newest is unreadable
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16, from the datasheets (fp32 runs TF32: half)
-PLAN_MFU = 0.4  # --plan's time estimate assumes this model FLOPs utilisation
-PLAN_GPU_MEMORY = 80 * 2 ** 30  # --plan away from a GPU plans for an 80 GiB H100
+PLAN_MFU, PLAN_GPU_MEMORY = 0.4, 80 * 2 ** 30  # --plan assumes 40% MFU and, away from a GPU, an 80 GiB H100
 
 # --- Command line ---------------------------------------------------------------------------------
-
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Options of the loop itself, shared by stage 1 (train.py) and stage 2 (sft.py)."""
     p = argparse.ArgumentParser(description=description)
@@ -49,14 +45,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="default: on GPUs")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=False,  # sft.py: on
-                   help="attend within each document only (train.py: off, as the paper)")
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, help="attend within each document only")
     p.set_defaults(loss_weighting="token", world=None)  # options of one stage only
     return p
 
 def build_parser() -> argparse.ArgumentParser:
     p = common_parser("Stage 1: continued pretraining with YaRN on long packed documents (see README)")
-    p.set_defaults(out="out/train")
+    p.set_defaults(out="out/train", doc_mask=False)  # the paper's stage 1 attends across documents
     p.add_argument("--data", nargs="*", help="files, directories or globs (absent: the built-in corpus)")
     p.add_argument("--cache", default=".cache/tokens", help="where tokenized corpora are kept and reused")
     p.add_argument("--ctx", help="window to train at, e.g. 4K or 1M (default: 1M, tiny: 4K)")
@@ -83,8 +78,7 @@ def fill_defaults(args):
     return args
 
 def check_flags(args, ctx_flag: str, more=()):
-    """Refuses a bad value right after parsing, with a sentence naming the flag, before any model or data
-    is loaded (`--ctx 4M --cp 3`: the reason, not a shape error three layers deep)."""
+    """Refuses a bad value with a sentence naming the flag, before anything loads (`--ctx 4M --cp 3`)."""
     world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
     steps = 1 if args.steps is None else args.steps  # None: train.py derives it from --tokens
     for flag, value in [(ctx_flag, args.ctx), ("--cp", args.cp), ("--batch", args.batch), ("--world", world),
@@ -106,7 +100,6 @@ def check_flags(args, ctx_flag: str, more=()):
         raise UserError(f"--resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
 
 # --- Distributed setup ----------------------------------------------------------------------------
-
 @dataclass
 class Dist:
     """This process's place: rank of world = dp x cp, its device, its dp and cp coordinates and groups."""
@@ -119,18 +112,13 @@ class Dist:
     cp_rank: int = 0
     cp_group: object = None
     fsdp_mesh: object = None  # every rank: parameters are sharded over all of them
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)
 
 def setup_distributed(cp: int) -> Dist:
     """Joins torchrun's process group (NCCL on GPUs, gloo on CPU) and its (dp, cp) mesh; alone, nothing."""
     world, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
     if world == 1 and cp == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
-    if world % cp != 0:
-        raise UserError(f"world size {world} is not divisible by --cp {cp}")
     from torch.distributed.device_mesh import init_device_mesh
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
@@ -155,22 +143,17 @@ def barrier(d: Dist):
         dist.barrier()
 
 # --- The model, its loss weights and its learning rate --------------------------------------------
-
 def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
     """Loads (or creates tiny), switches RoPE to the stage-1 scaling (stage 2 keeps the model's own),
     then parallelises from outside: ring attention, activation checkpointing, compile, FSDP2."""
     if args.model:
         model = M.Llama.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
     else:
-        with torch.device("meta"):
-            model = M.Llama(M.preset("tiny"))
-        model.to_empty(device="cpu")
-        model.set_rope(model.args.rope)
+        model = M.Llama(M.preset("tiny"))
         model.init_weights(seed=args.seed)
     if extend_rope:
-        original = args.original_window or model.args.rope.original_max_position
-        model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, original, YARN_BETA_FAST,
-                                            YARN_BETA_SLOW))
+        model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, args.original_window,
+                                            *YARN_BETAS))
         model.args.max_seq_len = args.ctx
     if d.cp > 1:
         model.set_attention(partial(attention.ring_attention, group=d.cp_group))
@@ -190,8 +173,7 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
     return model.to(d.device)
 
 def model_tokenizer(args, model: M.Llama):
-    """The model's tokenizer; a tiny model from random weights takes the built-in one, whose ids go
-    into its config (config.json's bos/eos, for serving tools)."""
+    """The model's tokenizer; a tiny model takes the built-in one, whose bos/eos ids go into its config.json."""
     tokenizer = data.load_tokenizer(args.model)
     if args.model is None:
         model.args.bos_id, model.args.eos_id = tokenizer.bos_id, list(tokenizer.stop_ids)
@@ -217,21 +199,17 @@ def get_lr(step: int, args) -> float:
     return args.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 # --- Checkpoints: sharded, atomic, resumable; the HF export -------------------------------------
-
 def checkpoint_dirs(out: str) -> list[str]:
     """Complete checkpoints, oldest first. A directory still named *.tmp was never finished."""
-    root = os.path.join(out, "checkpoints")
-    done = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
-            and not n.endswith(".tmp") and os.path.exists(os.path.join(root, n, "trainer_state.json"))]
-    return [os.path.join(root, n) for n in sorted(done)]
+    paths = glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*[0-9]"))  # not step_N.tmp
+    return sorted(p for p in paths if os.path.exists(os.path.join(p, "trainer_state.json")))
 
 def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
     """Saves (or loads) the model's and AdamW's shards with torch.distributed.checkpoint, each rank its
     own. One process says so (no_dist); torch then still warns that it assumes so, which is not shown."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         (dcp.load if load else dcp.save)(state, checkpoint_id=path, no_dist=d.world == 1)
@@ -251,8 +229,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, loader, d: Dist):
     barrier(d)
     if d.is_main:
         state = {"step": step, "loader": loader.state_dict(), "rng": torch.get_rng_state().tolist()}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
+        pathlib.Path(tmp, "trainer_state.json").write_text(json.dumps(state))
         os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
@@ -260,8 +237,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, loader, d: Dist):
 
 def load_checkpoint(path: str, model, optimizer, loader, d: Dist) -> int:
     sharded_state(path, model, optimizer, d, load=True)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        trainer = json.load(f)
+    trainer = json.loads(pathlib.Path(path, "trainer_state.json").read_text())
     loader.load_state_dict(trainer["loader"])
     torch.set_rng_state(torch.tensor(trainer["rng"], dtype=torch.uint8))
     return trainer["step"]
@@ -271,12 +247,10 @@ def export_hf(model, out: str, tokenizer, d: Dist):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        M.save_hf_checkpoint(os.path.join(out, "hf"), model.args, full, source_dir=model.source_dir,
-                             tokenizer=tokenizer)
+        M.save_hf_checkpoint(os.path.join(out, "hf"), model.args, full, model.source_dir, tokenizer=tokenizer)
     barrier(d)
 
 # --- Throughput, and the memory plan (--plan): what one GPU holds, from the shapes alone ----------
-
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """A GPU's datasheet peak FLOP/s, for MFU; None where it is not known (a CPU has no figure worth
     dividing by: one timed matmul on a busy machine gave MFUs over 100%)."""
@@ -285,28 +259,23 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return tflops and tflops * 1e12 / (1 if dtype == torch.bfloat16 else 2)
 
 def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # ru_maxrss: KiB
 
 def memory_plan(margs: M.ModelArgs, ctx: int, world: int, cp: int, micro_batch: int = 1,
                 compute_bytes: int = 2, activation_checkpointing: bool = True) -> dict[str, float]:
-    """Bytes per GPU at the peak of a training step, by component. FSDP2 over all `world` ranks keeps
-    fp32 master weights, fp32 gradients and AdamW's two fp32 moments sharded (16 bytes per parameter /
-    world). Each rank holds T = ctx / cp tokens."""
+    """Bytes per GPU at the peak of a training step, by component. FSDP2 over all `world` ranks shards fp32
+    weights, gradients and AdamW's two moments (16 bytes per parameter / world); T = ctx / cp tokens per rank."""
     n = M.count_params(margs)
     d, hd, kv, h, f, v = margs.dim, margs.head_dim, margs.n_kv_heads, margs.n_heads, margs.ffn_dim, margs.vocab_size
     heads = 1 if margs.tie_embeddings else 2  # embedding and output head, or one tied matrix
     layer_params = (n - v * d * heads - d) / margs.n_layers
     t, b, sharded = micro_batch * ctx // cp, compute_bytes, world > 1  # t: tokens on this rank
-    plan = {
-        "weights, grads, AdamW (fp32, sharded)": 16 * n / world,
-        # all-gathered compute copies: current + prefetched layer, and the root's embedding/head
-        "unsharded layer params (2 layers)": 2 * layer_params * b if sharded else 0.0,
-        "unsharded embedding + head": v * d * b * heads if sharded else 0.0,
-        "unsharded layer grads (fp32 reduce)": layer_params * 4 if sharded else 0.0,
-    }
+    plan = {"weights, grads, AdamW (fp32, sharded)": 16 * n / world,
+            # all-gathered compute copies: current + prefetched layer, and the root's embedding/head
+            "unsharded layer params (2 layers)": 2 * layer_params * b if sharded else 0.0,
+            "unsharded embedding + head": v * d * b * heads if sharded else 0.0,
+            "unsharded layer grads (fp32 reduce)": layer_params * 4 if sharded else 0.0}
     # what a layer keeps for backward when it is NOT checkpointed: inputs of every matmul/norm
     per_token_layer = b * (4 * d + 2 * h * hd + 2 * kv * hd + 3 * f) + 4 * h  # + fp32 lse
     if activation_checkpointing:
@@ -346,13 +315,11 @@ def print_plan(args, world: int):
     return plan
 
 # --- The loop (stage 1 and stage 2) ---------------------------------------------------------------
-
 def loss_divisor(micro_batches: list[dict], args, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-    """(divisor, labelled tokens) of one step. Every rank computes the SUM of its token losses; the
-    labelled tokens of the whole step (all ranks, all micro-batches) are all-reduced before the first
-    forward, and each micro-batch's loss is sum / divisor. FSDP sums gradients over ranks (divide factor
-    1), so the update is the gradient of the global mean over tokens: no double scaling, and a shard
-    without labelled tokens adds zero, never NaN. Weighted by conversation, the divisor counts those."""
+    """(divisor, labelled tokens) of one step: the labelled tokens of all ranks and micro-batches, all-reduced
+    before the first forward; each micro-batch's loss is its SUM of token losses / divisor. FSDP sums gradients
+    over ranks (divide factor 1): the update is the gradient of the global mean over tokens, and a shard without
+    labelled tokens adds zero, never NaN. Weighted by conversation, the divisor counts conversations."""
     labelled = all_reduce_sum(sum((mb["labels"] != -100).sum() for mb in micro_batches), d)
     if args.loss_weighting != "conversation":
         return labelled.to(torch.float32).clamp(min=1), labelled
@@ -428,7 +395,6 @@ def train(args, model, loader, tokenizer, d: Dist):
         dist.destroy_process_group()
 
 # --- Stage 1's data, and the entry point sft.py shares ---------------------------------------------
-
 def stage1_loader(args, tokenizer, d: Dist):
     """Rank 0 tokenizes the corpus once (the others wait, then reuse its token file); every rank samples
     the same documents by length, packs them with the separator and takes its shard."""

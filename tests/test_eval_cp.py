@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
+import attention
 import data
 from gloo import run_on_gloo
 import eval as E
@@ -42,7 +44,9 @@ def _cp_checks(rank, world_size):
         prompt = torch.randint(0, model.args.vocab_size, (n,), generator=generator).tolist()
         expected_logits = model(torch.tensor([prompt]))[0, -1]  # (vocab,), one device, no cache
         expected = model.generate(prompt, max_new)
-        logits, _, _ = E.cp_prefill(model, prompt, room=max_new, block_size=block_size)
+        model.set_attention(partial(attention.ring_attention, group=None, block_size=block_size))
+        logits, _, _ = E.cp_prefill(model, prompt, room=max_new)
+        model.set_attention(M.chunked_attention)
         error = (logits[0] - expected_logits).abs().max().item()
         if not error <= LOGIT_TOLERANCE:
             failures.append(f"rank {rank}, length {n}: prefill logits differ by {error:.2e}")
