@@ -59,8 +59,8 @@ def _finite_or_zero(lse):  # -inf -> 0, so that exp(-inf - lse) is 0 rather than
 def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     """One block, q (B, H, Tq, D) against k/v (B, KV, Tk, D), head-major -> out (B, H, Tq, D) in q's dtype, lse
     (B, H, Tq) fp32; a query row that sees no key gets out 0 and lse -inf. `causal` is only ever used for square
-    diagonal blocks (same positions), where PyTorch's top-left aligned causal mask and the bottom-right one agree;
-    `mask`: None or a (B, Tq, Tk) bool document mask, which (as other devices) takes the math path."""
+    diagonal blocks (same positions), where PyTorch's top-left and bottom-right aligned causal masks agree. A
+    document mask (B, Tq, Tk) bool, or a device other than CPU or CUDA, takes the math path; else fused kernels."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_forward(q, k, v, scale, causal)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -1,6 +1,6 @@
 """Llama 3.1 (and 3.2): ModelArgs and named PRESETS (a `tiny` one for CPU), the modules, one chunked loss (mean,
 sum or per token, never full-vocabulary logits), one greedy decoder, strict loading and saving of (sharded)
-safetensors in the HF layout. Pure: no process groups, no FSDP; context parallelism swaps in set_attention."""
+safetensors in the HF layout. Pure: no process groups, no FSDP; parallelism swaps attention in (set_attention)."""
 import json, os, pathlib, shutil
 from dataclasses import dataclass, field, replace
 
@@ -14,7 +14,7 @@ from rope import RopeSettings, UserError
 
 PREFILL_CHUNK = 4096  # prompt tokens per prefill step: attention scores are (chunk x prompt), not (prompt x prompt)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# config.json: ModelArgs' names there, defaults where one may be omitted, math-changing fields' one value here
+# config.json: our fields' names there; defaults (transformers', Llama 3's ids); math-changing fields' one value
 HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "vocab_size": "vocab_size", "ffn_dim": "intermediate_size", "n_kv_heads": "num_key_value_heads",
             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings",
@@ -90,7 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk, self.wv = (nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False) for _ in "kv")
+        self.wk, self.wv = (nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False) for _ in range(2))
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.attention_fn = chunked_attention  # (q, k, v, causal, doc_ids) -> out; ring attention under cp
 
