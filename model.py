@@ -1,7 +1,6 @@
-"""Llama 3.1 (and 3.2): ModelArgs and named PRESETS (a `tiny` one for CPU), the modules, one chunked
-loss (Llama.forward: mean, sum or per token, never full-vocabulary logits), one greedy decoder, strict
-loading and saving of (sharded) safetensors in the Hugging Face layout. The model is pure, no process
-groups, no FSDP: context parallelism swaps the attention function in from outside (set_attention)."""
+"""Llama 3.1 (and 3.2): ModelArgs and named PRESETS (a `tiny` one for CPU), the modules, one chunked loss (mean,
+sum or per token, never full-vocabulary logits), one greedy decoder, strict loading and saving of (sharded)
+safetensors in the HF layout. Pure: no process groups, no FSDP; parallelism swaps attention in (set_attention)."""
 import json, os, pathlib, shutil
 from dataclasses import dataclass, field, replace
 
@@ -15,19 +14,16 @@ from rope import RopeSettings, UserError
 
 PREFILL_CHUNK = 4096  # prompt tokens per prefill step: attention scores are (chunk x prompt), not (prompt x prompt)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# config.json: each ModelArgs field's name there, the defaults where a config may omit one (transformers',
-# Llama 3's ids), and fields that change the math with the one value implemented here (others are refused)
+# config.json: our fields' names there; defaults (transformers', Llama 3's ids); math-changing fields' one value
 HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "vocab_size": "vocab_size", "ffn_dim": "intermediate_size", "n_kv_heads": "num_key_value_heads",
             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings",
             "max_seq_len": "max_position_embeddings", "bos_id": "bos_token_id", "eos_id": "eos_token_id"}
 HF_DEFAULTS = {"num_key_value_heads": None, "head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                "max_position_embeddings": 2048, "bos_token_id": 128000, "eos_token_id": 128001}
-HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-                  "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-                  "ffn_norm": "post_attention_layernorm"}
+HF_LAYER_NAMES = {**{f"attention.w{x}": f"self_attn.{x}_proj" for x in "qkvo"}, "feed_forward.w1": "mlp.gate_proj",
+                  "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+                  "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 FIXED_FIELDS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "partial_rotary_factor": 1}
 
 @dataclass
@@ -74,20 +70,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does
+    def forward(self, x):  # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF does
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 class KVCache:
-    """One layer's keys and values, preallocated for prompt + new tokens only (Llama 3.1 8B costs
-    128 KiB per token in bf16: size it for the request, not the window)."""
+    """One layer's keys and values for prompt + new tokens only (Llama 3.1 8B: 128 KiB per token in bf16)."""
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.v, self.length = torch.zeros_like(self.k), 0
 
-    def update(self, k, v):
-        """Append k, v (B, T, KV, D) and return everything cached so far."""
+    def update(self, k, v):  # append k, v (B, T, KV, D) and return everything cached so far
         start, self.length = self.length, self.length + k.shape[1]
         self.k[:, start:self.length], self.v[:, start:self.length] = k, v  # a shape error if it overflows
         return self.k[:, :self.length], self.v[:, :self.length]
@@ -95,23 +88,19 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wk, self.wv = (nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False) for _ in range(2))
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.attention_fn = chunked_attention  # (q, k, v, causal, doc_ids) -> out; ring attention under cp
 
     def forward(self, x, cos, sin, doc_ids=None, cache: KVCache | None = None):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k, v = (w(x).unflatten(-1, (-1, self.head_dim)) for w in (self.wq, self.wk, self.wv))  # q (B, T, H, D)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)  # k, v (B, T, KV, D)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, cached + T, KV, D); queries are the last T positions
         out = self.attention_fn(q, k, v, causal=True, doc_ids=doc_ids)  # (B, T, H, D); GQA: k/v not copied
-        return self.wo(out.reshape(B, T, -1))
+        return self.wo(out.flatten(2))
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -133,50 +122,44 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
-def loss_chunk_size(vocab_size: int) -> int:
-    # ~128M logits per chunk: 512 MiB in fp32 (1046 tokens for Llama 3's vocabulary)
+def loss_chunk_size(vocab_size: int) -> int:  # ~128M logits per chunk: 512 MiB in fp32 (1046 tokens for Llama 3)
     return max(1, (1 << 27) // vocab_size)
 
-@torch.no_grad()
-def chunked_cross_entropy(h, weight, labels, chunk_size: int, token_weights=None, need_grad: bool = False):
-    """Per-token cross_entropy(h @ weight.T, labels) (N,) fp32, 0 where labels are -100, one chunk of
-    logits at a time; with need_grad also the gradients of sum(losses * token_weights) w.r.t. h (N, D)
-    and weight (V, D), formed here from the gradient w.r.t. the logits, softmax - onehot."""
-    losses = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-    grad_h = torch.zeros_like(h) if need_grad else None
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-    for start in range(0, h.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        valid = labels[rows] != -100  # (c,)
-        if not valid.any():
-            continue
-        target = labels[rows].clamp(min=0)
-        logits = (h[rows] @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
-        lse = torch.logsumexp(logits, dim=-1)  # (c,)
-        losses[rows] = (lse - logits.gather(1, target[:, None]).squeeze(1)) * valid
-        if need_grad:
-            scale = valid if token_weights is None else token_weights[rows] * valid  # (c,)
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own memory
-            grad_logits[torch.arange(len(target), device=h.device), target] -= 1.0
-            grad_logits = (grad_logits * scale[:, None]).to(h.dtype)
-            grad_h[rows] = grad_logits @ weight
-            grad_w += (grad_logits.T @ h[rows]).float()
-    return losses, grad_h, grad_w
-
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """sum(losses * token_weights) (sft.py's per-conversation weighting; None = 1). Full logits at 128K
-    tokens x 128256 vocab are 62 GiB in fp32; here one chunk exists at a time, and the gradients are
-    formed in the forward pass and saved (h- and weight-sized): backward recomputes nothing."""
+    """(sum(losses * token_weights), losses): per-token cross_entropy(h @ weight.T, labels) (N,) fp32, 0 where
+    labels are -100, one chunk of logits at a time (fp32 logits of 128K tokens x 128256 vocab: 62 GiB);
+    token_weights (N,) or None (1). Gradients of the sum w.r.t. h (N, D) and weight (V, D), if needed, are formed
+    here from softmax - onehot (the logits' gradient) and saved (h-, weight-sized): backward recomputes nothing."""
+
     @staticmethod
     def forward(ctx, h, weight, labels, chunk_size: int, token_weights=None):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        losses, grad_h, grad_w = chunked_cross_entropy(h, weight, labels, chunk_size, token_weights, need_grad)
+        losses = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, h.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            valid = labels[rows] != -100  # (c,)
+            if not valid.any():
+                continue
+            target = labels[rows].clamp(min=0)
+            logits = (h[rows] @ weight.T).float()  # (c, V), the only vocabulary-sized tensor
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            losses[rows] = (lse - logits.gather(1, target[:, None]).squeeze(1)) * valid
+            if need_grad:
+                scale = valid if token_weights is None else token_weights[rows] * valid  # (c,)
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own memory
+                grad_logits[torch.arange(len(target), device=h.device), target] -= 1.0
+                grad_logits = (grad_logits * scale[:, None]).to(h.dtype)
+                grad_h[rows] = grad_logits @ weight
+                grad_w += (grad_logits.T @ h[rows]).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return losses.sum() if token_weights is None else (losses * token_weights).sum()
+        ctx.mark_non_differentiable(losses)
+        return (losses if token_weights is None else losses * token_weights).sum(), losses
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None, None
 
@@ -193,64 +176,56 @@ class Llama(nn.Module):
         self.source_dir = None  # where from_pretrained read it: tokenizer files are copied on save
         self.set_rope(args.rope)
 
-    def set_rope(self, settings: RopeSettings):
-        """Switch RoPE settings (e.g. llama3 -> yarn for stage 1). inv_freq is a plain attribute,
-        not a buffer, so `model.to(torch.bfloat16)` cannot degrade it; it stays fp32."""
+    def set_rope(self, settings: RopeSettings):  # e.g. llama3 -> yarn for stage 1
         self.args.rope = settings
-        self.inv_freq = rope.inv_freq(settings, self.args.head_dim)  # (D/2,) fp32
-        self.mscale = settings.mscale
+        self.inv_freq = rope.inv_freq(settings, self.args.head_dim)  # (D/2,) fp32, no buffer: .to(bf16) leaves it
 
-    def set_attention(self, attention_fn):
-        """Use another attention function in every layer (e.g. ring attention on a cp group)."""
+    def set_attention(self, attention_fn):  # in every layer, e.g. ring attention on a cp group
         for layer in self.layers:
             layer.attention.attention_fn = attention_fn
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, seed: int | None = None):
-        """Random weights for training from scratch (the tiny preset)."""
+    def init_weights(self, std: float = 0.02, seed: int | None = None):  # to train from scratch (the tiny preset)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             p.copy_(torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * std)
 
     def hidden_states(self, tokens, positions=None, doc_ids=None, caches=None):
         """Final normalised hidden states (B, T, dim)."""
-        B, T = tokens.shape
-        if positions is None:
+        if positions is None:  # (1, T), after the cached ones, broadcast over the batch
             start = caches[0].length if caches else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        cos, sin = rope.rope_cos_sin(positions, self.inv_freq, self.mscale, h.dtype)  # (B, T, D) each
+        cos, sin = rope.rope_cos_sin(positions, self.inv_freq, self.args.rope.mscale, h.dtype)  # (B, T, D) each
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, doc_ids, caches[i] if caches else None)
         return self.norm(h)
 
     def forward(self, tokens, labels=None, positions=None, doc_ids=None, reduction="mean", label_weights=None):
-        """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss. labels[b, t] is the token
-        that should follow tokens[b, t] (-100 = not trained on); positions (B, T) the tokens' true ones
-        (a context-parallel shard holds non-contiguous ones), default 0..T-1. reduction: "mean" over
-        labelled tokens; "sum" (callers average over several ranks' tokens), each token's loss times
-        label_weights (B, T) if given; "none": per-token losses (B, T) fp32, 0 at -100, no gradients."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and reduction != "none"):
+        """tokens (B, T) -> logits (B, T, vocab); with labels (B, T) -> the loss. labels[b, t] is the token that
+        should follow tokens[b, t] (-100: not trained on); positions (B, T): the tokens' own (a context-parallel
+        shard's are not contiguous), default 0..T-1. reduction: "mean" over labelled tokens; "sum" (to average
+        over ranks) of each loss times label_weights (B, T) if given; "none": per-token losses (B, T) fp32."""
+        grad = torch.is_grad_enabled() and reduction != "none"
+        with torch.set_grad_enabled(grad):
             h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.output(h).float()
-        h, flat, chunk = h.reshape(-1, h.shape[-1]), labels.reshape(-1), loss_chunk_size(self.args.vocab_size)
+        weight = self.output.weight if grad else self.output.weight.detach()  # detached: no gradients formed
+        total, losses = ChunkedCrossEntropy.apply(h.flatten(0, 1), weight, labels.flatten(), loss_chunk_size(
+            self.args.vocab_size), None if label_weights is None else label_weights.flatten().float())
         if reduction == "none":
-            return chunked_cross_entropy(h, self.output.weight, flat, chunk)[0].view(labels.shape)
-        weights = None if label_weights is None else label_weights.reshape(-1).float()
-        total = ChunkedCrossEntropy.apply(h, self.output.weight, flat, chunk, weights)
-        return total if reduction == "sum" else total / (flat != -100).sum().clamp(min=1)  # no label: 0, not NaN
+            return losses.view(labels.shape)
+        return total if reduction == "sum" else total / (labels != -100).sum().clamp(min=1)  # no label: 0, not NaN
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
-        """Greedy continuation of one prompt: the new ids, the stop token included if hit. The prompt is
-        prefilled PREFILL_CHUNK tokens at a time into KV caches sized for prompt + new tokens, logits
-        exist for the last position only: no (1M, vocab) logits, no (1M, 1M) scores for a 1M prompt."""
+        """Greedy continuation of one prompt (the new ids, a stop token included), prefilled PREFILL_CHUNK tokens
+        at a time into KV caches sized for prompt + new tokens: no (1M, vocab) logits, no (1M, 1M) scores."""
         a, w, n = self.args, self.output.weight, len(prompt) + max_new_tokens
         caches = [KVCache(1, n, a.n_kv_heads, a.head_dim, w.dtype, w.device) for _ in self.layers]
-        tokens = torch.tensor(prompt, dtype=torch.long, device=w.device)[None]  # (1, T)
-        for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-            h = self.hidden_states(tokens[:, start:start + PREFILL_CHUNK], caches=caches)
+        for chunk in torch.tensor([prompt], device=w.device).split(PREFILL_CHUNK, dim=1):  # (1, <= PREFILL_CHUNK)
+            h = self.hidden_states(chunk, caches=caches)
         out = []
         for _ in range(max_new_tokens):
             out.append(int(self.output(h[:, -1]).argmax(-1)))
@@ -261,27 +236,24 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device="cpu"):
-        """Load an HF-layout directory. Built on the meta device and filled with assign=True, so
-        the weights exist once in memory; every tensor must be used and every parameter filled."""
+        """Load an HF directory into a meta-device model filled with assign=True: weights exist once in memory."""
         args = args_from_hf_config(read_hf_config(path), os.path.join(path, "config.json"))
         with torch.device("meta"):
             model = cls(args)
-        ours_to_hf = hf_key_map(args)
-        expected = {hf: tuple(model.get_parameter(ours).shape) for ours, hf in ours_to_hf.items()}
-        state = {}
+        hf_to_ours, state = {hf: ours for ours, hf in hf_key_map(args).items()}, {}
         for key, tensor, filename in read_safetensors(path):
             if key == "lm_head.weight" and args.tie_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            if key not in expected:
+            if key not in hf_to_ours:
                 raise UserError(f"unexpected tensor {key!r} in {filename}: not part of a {args.n_layers}-layer Llama")
-            if tuple(tensor.shape) != expected[key]:
+            expected = tuple(model.get_parameter(hf_to_ours[key]).shape)
+            if tuple(tensor.shape) != expected:
                 raise UserError(f"tensor {key!r} in {filename} has shape {tuple(tensor.shape)}, but config.json "
-                                f"implies {expected[key]}")
-            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        missing = sorted(set(expected) - set(state))
+                                f"implies {expected}")
+            state[hf_to_ours[key]] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        missing = sorted(hf for hf, ours in hf_to_ours.items() if ours not in state)
         if missing:
             raise UserError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        state = {ours: state[hf] for ours, hf in ours_to_hf.items()}
         model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared one
@@ -290,8 +262,7 @@ class Llama(nn.Module):
         return model
 
     def save_pretrained(self, path: str, max_shard_bytes: int = 5 << 30, tokenizer=None):
-        save_hf_checkpoint(path, self.args, self.state_dict(), source_dir=self.source_dir,
-                           max_shard_bytes=max_shard_bytes, tokenizer=tokenizer)
+        save_hf_checkpoint(path, self.args, self.state_dict(), self.source_dir, max_shard_bytes, tokenizer)
 
 def read_hf_config(path: str) -> dict:
     config_path = os.path.join(path, "config.json")
@@ -322,38 +293,33 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
             **{name: getattr(args, ours) for ours, name in HF_NAMES.items()},
             **rope.to_hf(args.rope, args.head_dim), "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True}
 
-def hf_key_map(args: ModelArgs) -> dict[str, str]:
-    """Our parameter names -> the Hugging Face names, from the explicit HF_LAYER_NAMES table."""
-    keys = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not args.tie_embeddings:
-        keys["output.weight"] = "lm_head.weight"
+def hf_key_map(args: ModelArgs) -> dict[str, str]:  # our parameter names -> the Hugging Face names
+    keys = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            **({} if args.tie_embeddings else {"output.weight": "lm_head.weight"})}
     return keys | {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
                    for i in range(args.n_layers) for ours, hf in HF_LAYER_NAMES.items()}
 
 def read_safetensors(path: str):
-    """Yield (name, tensor, filename) from model.safetensors or the shards an index lists.
-    safe_open memory-maps each file and materialises one tensor at a time."""
+    """Yield (name, tensor, filename) from model.safetensors or an index's shards, one mmapped tensor at a time."""
     from safetensors import safe_open
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(json.loads(pathlib.Path(index).read_text())["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"{path} has no weights: neither model.safetensors nor model.safetensors.index.json")
-    for full in (os.path.join(path, filename) for filename in files):
+    index = pathlib.Path(path, "model.safetensors.index.json")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
+    for full in (os.path.join(path, filename) for filename in shards or ["model.safetensors"]):
         if not os.path.exists(full):
-            raise UserError(f"shard {full} listed in model.safetensors.index.json is missing")
+            raise UserError(f"shard {full} listed in {index.name} is missing" if shards else
+                            f"{path} has no weights: neither model.safetensors nor {index.name}")
         with safe_open(full, framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key), full
 
 def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir: str | None = None,
                        max_shard_bytes: int = 5 << 30, tokenizer=None):
-    """Write safetensors (sharded with an index above max_shard_bytes), the tokenizer files, and
-    config.json last, so that it marks a complete export; weights and config go through atomic_write."""
+    """Write safetensors (sharded with an index above max_shard_bytes), the tokenizer files, and config.json last,
+    so that it marks a complete export; weights and config go through atomic_write."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
+    for stale in [*pathlib.Path(path).glob("model*.safetensors"), *pathlib.Path(path).glob("model*.index.json")]:
+        stale.unlink()  # a previous export with another shard count must not linger
     ours_to_hf = hf_key_map(args)
     tensors = {ours_to_hf[k]: v.detach().contiguous().cpu() for k, v in state_dict.items() if k in ours_to_hf}
     shards, size = [{}], 0
@@ -361,31 +327,26 @@ def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir:
         if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards, size = shards + [{}], 0
         shards[-1][name], size = t, size + t.nbytes
-    for f in os.listdir(path):  # a previous export with another shard count must not linger
-        if f.startswith("model") and f.endswith((".safetensors", ".index.json")):
-            os.remove(os.path.join(path, f))
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    names = names if len(shards) > 1 else ["model.safetensors"]
-    for filename, shard in zip(names, shards):
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         atomic_write(os.path.join(path, filename), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, filename))
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": {name: filename for filename, shard in zip(names, shards) for name in shard}}
-        atomic_write(os.path.join(path, "model.safetensors.index.json"), lambda tmp: write_json(tmp, index))
+        write_json(os.path.join(path, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map})
     for name in TOKENIZER_FILES if source_dir and os.path.abspath(source_dir) != os.path.abspath(path) else ():
         if os.path.exists(os.path.join(source_dir, name)):
             shutil.copyfile(os.path.join(source_dir, name), os.path.join(path, name))
     if tokenizer is not None:  # written after the copy: it may carry a chat template the source lacked
         tokenizer.save(path)
-    config = hf_config(args, tensors["model.embed_tokens.weight"].dtype)
-    atomic_write(os.path.join(path, "config.json"), lambda tmp: write_json(tmp, config))
+    write_json(os.path.join(path, "config.json"), hf_config(args, tensors["model.embed_tokens.weight"].dtype))
 
 def write_json(path: str, obj):
-    pathlib.Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 def atomic_write(path: str, write):
-    """The one atomic write: write(tmp) fills a temporary file beside `path`, which is renamed over
-    `path` only when complete, so a reader never sees half a file. A failed write removes it."""
+    """The one atomic write: write(tmp) fills a file beside `path`, renamed over it once complete (or removed)."""
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         write(tmp)

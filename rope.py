@@ -1,8 +1,7 @@
-"""RoPE and the scalings that stretch it to longer windows: default, llama3 (Llama 3.1's own: 8x over
-8192), yarn (Peng et al. 2023: the recipe's, for 1M-4M tokens), ntk (theta * s^(d/(d-2)): an ablation).
-Exact at 4M tokens: inv_freq is fp32 and bit-identical to transformers'; position * inv_freq is formed in
-float64, exact for a 24-bit mantissa times a position below 2^29 (fp32 rounds the angle at 4,194,303 to a
-multiple of 0.25 rad); cos/sin exist only for the positions a rank holds (a 4M x 128 table is 2 GiB)."""
+"""RoPE and its scalings to longer windows: default, llama3 (Llama 3.1's own, 8x), yarn (Peng et al. 2023: the
+recipe's), ntk (theta * s^(d/(d-2)): an ablation). Exact at 4M tokens: inv_freq is fp32, bit-identical to
+transformers'; position * inv_freq in float64 is exact (24-bit mantissa x position < 2^29; fp32 rounds the angle at
+4,194,303 to a multiple of 0.25 rad); cos/sin exist only for the positions a rank holds (4M x 128: 2 GiB)."""
 import math
 from dataclasses import dataclass
 
@@ -36,19 +35,15 @@ class RopeSettings:
             raise UserError(f"rope scaling factor must be >= 1, got {self.factor}")
 
     @property
-    def mscale(self) -> float:
-        """The attention factor: multiplies both cos and sin (so q.k is scaled by its square)."""
-        if self.kind != "yarn":
-            return 1.0
-        return float(self.attention_factor) if self.attention_factor is not None else yarn_mscale(self.factor)
+    def mscale(self) -> float:  # the attention factor: multiplies both cos and sin (q.k is scaled by its square)
+        yarn = yarn_mscale(self.factor) if self.attention_factor is None else float(self.attention_factor)
+        return yarn if self.kind == "yarn" else 1.0
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    # YaRN's sqrt(1/t) = 0.1 ln(s) + 1, no temperature for s <= 1 (DeepSeek scales 0.1 by `mscale`)
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0  # YaRN's sqrt(1/t) (DeepSeek: x mscale)
 
 def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # (d/2,)
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (d/2,)
 
 def llama3_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by factor, short ones kept, a smooth blend between."""
@@ -66,11 +61,9 @@ def yarn_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     def correction_dim(rotations: float) -> float:  # the dimension rotating `rotations` times in L
         return head_dim * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(s.theta))
     low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
-    if s.truncate:
-        low, high = math.floor(low), math.ceil(high)
+    low, high = (math.floor(low), math.ceil(high)) if s.truncate else (low, high)
     low, high = max(low, 0), min(high, head_dim - 1)
-    if low == high:
-        high += 0.001  # a one-dimension ramp would divide by zero
+    high += 0.001 if low == high else 0  # a one-dimension ramp would divide by zero
     pos_freqs = s.theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (d/2,)
     keep = 1 - torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)  # a ramp
     return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
@@ -100,13 +93,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 def from_hf(config: dict, source: str = "config.json") -> RopeSettings:
-    """RopeSettings from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5). An omitted
-    field takes transformers' default; one not in HF_FIELDS (nor partial_rotary_factor 1) is refused."""
-    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    """RopeSettings from `rope_theta` + `rope_scaling` (transformers 4) or `rope_parameters` (5). An omitted field
+    takes transformers' default; one not in HF_FIELDS[type] (nor partial_rotary_factor 1) is refused by name."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
     theta = float(scaling.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in HF_FIELDS:
-        raise UserError(f"unsupported rope type {kind!r} in {source}; this project supports default, llama3 and yarn")
+        raise UserError(f"unsupported rope type {kind!r} in {source}; supported: default, llama3 and yarn")
     unknown = sorted(k for k in scaling if k not in HF_FIELDS[kind] and (k, scaling[k]) != ("partial_rotary_factor", 1))
     if unknown:
         raise UserError(f"field {unknown[0]!r} of rope type {kind!r} in {source} is not supported by this project")
@@ -119,15 +112,12 @@ def from_hf(config: dict, source: str = "config.json") -> RopeSettings:
     if kind == "llama3" and missing:  # transformers has no default for them either
         raise UserError(f"{source} lacks rope field {missing[0]!r}, which rope type 'llama3' needs")
     factor = float(window / original if scaling.get("factor") is None else scaling["factor"])
-    if kind == "llama3":
-        return RopeSettings(theta, kind, factor, original, float(scaling["low_freq_factor"]),
-                            float(scaling["high_freq_factor"]))
     attention = scaling.get("attention_factor")
     if attention is None and scaling.get("mscale") and scaling.get("mscale_all_dim"):  # DeepSeek-V3's spelling
         attention = yarn_mscale(factor, scaling["mscale"]) / yarn_mscale(factor, scaling["mscale_all_dim"])
-    return RopeSettings(theta, kind, factor, original, beta_fast=float(scaling.get("beta_fast") or 32),
-                        beta_slow=float(scaling.get("beta_slow") or 1), attention_factor=attention,
-                        truncate=bool(scaling.get("truncate", True)))
+    return RopeSettings(theta, kind, factor, original, float(scaling.get("low_freq_factor", 1)),
+                        float(scaling.get("high_freq_factor", 4)), float(scaling.get("beta_fast") or 32),
+                        float(scaling.get("beta_slow") or 1), attention, bool(scaling.get("truncate", True)))
 
 def to_hf(s: RopeSettings, head_dim: int) -> dict:
     """`rope_theta` and `rope_scaling` with every field spelled out (engines disagree on defaults);
@@ -145,17 +135,15 @@ def parse_size(text: str | int) -> int:
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
-        raise UserError(f"cannot read size {text!r}; use a number with an optional K, M or G suffix, as 4M") from None
+        raise UserError(f"cannot read size {text!r}; use a number with an optional K, M or G suffix (4M)") from None
 
 def extend_settings(base: RopeSettings, ctx: int, kind: str = "yarn", original_max_position: int | None = None,
                     beta_fast: float = 4.0, beta_slow: float = 1.0) -> RopeSettings:
     """The stage-1 RoPE for a new window `ctx`: s is relative to the ORIGINAL pre-training window (8192
     for Llama 3.1, whose llama3 scaling is replaced, not stacked), so --ctx 1M/2M/4M gives s = 128/256/512.
     kind: yarn (the recipe), ntk, llama3 (retuned to ctx) or none (unchanged: the no-scaling ablation)."""
-    original = original_max_position or base.original_max_position
     if kind == "none":
         return base
-    if kind not in ("yarn", "ntk", "llama3"):
-        raise UserError(f"unknown --rope {kind!r}; expected yarn, ntk, llama3 or none")
+    original = original_max_position or base.original_max_position
     return RopeSettings(base.theta, kind, ctx / original, original, base.low_freq_factor, base.high_freq_factor,
                         beta_fast, beta_slow)
