@@ -13,13 +13,7 @@ followed by a space) instead of nltk's punkt; adjective-noun keys are drawn as a
 noun (RULER draws from the set of all pairs: the same distribution but for the rare duplicates).
 """
 
-import gzip
-import json
-import math
-import os
-import random
-import re
-import uuid
+import gzip, json, math, os, random, re, uuid
 
 from rope import UserError
 
@@ -61,13 +55,11 @@ TASKS = {"niah_single_1": ("niah", "noise", "words", "numbers", 1, 1, 1),
          "vt": ("vt",), "cwe": ("cwe",), "fwe": ("fwe",), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa")}
 SPECIAL = re.compile(r"(<\|(?:begin_of_text|start_header_id|end_header_id|eot_id)\|>)")
 
-
 def encode(tok, text: str) -> list[int]:
     """Token ids of a RULER prompt: the frame's special tokens by id, the text between them encoded
     as text (what a Hugging Face tokenizer does with the template's strings)."""
     return [t for piece in SPECIAL.split(text) if piece
             for t in ([tok.token_id(piece)] if SPECIAL.fullmatch(piece) else tok.encode(piece))]
-
 
 def load_words() -> dict[str, list[str]]:
     """ruler_words.txt.gz: the wonderwords lists RULER uses, and a large English list (see its header)."""
@@ -80,7 +72,6 @@ def load_words() -> dict[str, list[str]]:
             elif section is not None and not line.startswith("#"):
                 section.append(line)
     return words
-
 
 def read_sources(haystack, squad, hotpotqa) -> dict:
     """The data RULER downloads, from the user's files: essays (.txt files, folders of them, or RULER's
@@ -97,7 +88,6 @@ def read_sources(haystack, squad, hotpotqa) -> dict:
         essay = re.sub(r"\s+", " ", " ".join(texts)).split(" ")  # RULER's haystack: a list of words
     return {"essay": essay, "squad": squad and read_qa(squad, "squad"),
             "hotpotqa": hotpotqa and read_qa(hotpotqa, "hotpotqa")}
-
 
 def read_qa(path: str, kind: str):
     """(questions, documents) as qa.py reads them: SQuAD's answerable questions with their paragraph
@@ -121,7 +111,6 @@ def read_qa(path: str, kind: str):
         raise UserError(f"--{kind}: {path} is not a readable {kind} JSON file ({type(e).__name__}: {e})") from None
     return qas, docs
 
-
 def unavailable(task: str, sources: dict) -> str | None:
     """Why a task cannot run with the given sources (never a silent substitute under RULER's name)."""
     spec = TASKS[task]
@@ -131,14 +120,12 @@ def unavailable(task: str, sources: dict) -> str | None:
         return f"needs --{spec[1]} ({'SQuAD v2.0 dev' if spec[1] == 'squad' else 'HotpotQA dev distractor'} JSON)"
     return None
 
-
 def draw(rng: random.Random, kind: str, words: dict) -> str:
     if kind == "numbers":
         return str(rng.randint(10 ** 6, 10 ** 7 - 1))  # 7 digits
     if kind == "uuids":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
     return f"{rng.choice(words['adjectives'])}-{rng.choice(words['nouns'])}"
-
 
 def insert_at_depths(rng, words: list[str], items: list[str]) -> str:
     """Essay haystack: the first words joined, cut into sentences, an item placed at each of a few
@@ -151,10 +138,8 @@ def insert_at_depths(rng, words: list[str], items: list[str]) -> str:
         parts.extend(items[i - 1:i])
     return " ".join(parts)
 
-
-def make_niah(rng, n, spec, words, sources, seed):
+def make_niah(rng, n, spec, words, sources, seed, template):
     _, haystack, k_type, v_type, n_keys, n_values, n_queries = spec
-    template = FRAME.format(task_template=NIAH[0]) + NIAH[1]
     keys, values, needles = [], [], []
     for _ in range(max(n_keys, n_queries)):
         keys.append(draw(rng, k_type, words))
@@ -180,8 +165,7 @@ def make_niah(rng, n, spec, words, sources, seed):
         v_type = v_type[:-1]
     return template.format(type_needle_v=v_type, context=context, query=query), [v for i in picked for v in values[i]]
 
-
-def make_vt(rng, n, icl, value=None, hops=4):
+def make_vt(rng, n, template, icl=False, value=None, hops=4):
     """One chain of 5 variables (num_chains 1, num_hops 4) in the noise haystack. The one-shot
     example (icl) has 3-letter names and the value 12345 and carries no chat frame."""
     names = []
@@ -193,14 +177,11 @@ def make_vt(rng, n, icl, value=None, hops=4):
     lines = [NOISE] * n
     for j, at in enumerate(sorted(rng.sample(range(n), len(chain)))):
         lines.insert(at + j, chain[j])
-    template = VT[0] + VT[1] if icl else FRAME.format(task_template=VT[0]) + VT[1]
     context = "\n".join(lines).replace(". \n", ".\n")
     return template.format(context=context, query=value, num_v=hops + 1), names
 
-
-def make_cwe(rng, n, length, words, seed):
+def make_cwe(rng, n, length, words, seed, template):
     """A numbered list where 10 words appear often; one solved example first, framed like the task."""
-    template = FRAME.format(task_template=CWE[0]) + CWE[1]
 
     def example(n_words, common_repeats, uncommon_repeats):
         pool = words["cwe"] if n_words <= len(words["cwe"]) else words["english"]
@@ -213,8 +194,7 @@ def make_cwe(rng, n, length, words, seed):
     text, answer = example(n, 6 if short else 30, 1 if short else 3)
     return shot + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)) + "\n" + text, answer
 
-
-def make_fwe(rng, n_words, vocab_size, seed):
+def make_fwe(rng, n_words, vocab_size, seed, template):
     """Zipf-distributed 6-letter coded words (alpha 2); the top-ranked one is '...' (noise), the
     answer is ranks 2-4."""
     vocab = set()
@@ -225,10 +205,9 @@ def make_fwe(rng, n_words, vocab_size, seed):
     vocab[0] = "..."
     coded = [w for k, w in enumerate(vocab, 1) for _ in range(int(n_words * k ** -2.0 / ZETA_2))]
     random.Random(seed).shuffle(coded)
-    return (FRAME.format(task_template=FWE[0]) + FWE[1]).format(context=" ".join(coded)), vocab[1:4]
+    return template.format(context=" ".join(coded)), vocab[1:4]
 
-
-def make_qa(rng, n_docs, question, qa, seed):
+def make_qa(rng, n_docs, question, qa, seed, template):
     """The question's own documents, then its article's other paragraphs, then random others."""
     qas, docs = qa
     q = qas[question % len(qas)]
@@ -242,22 +221,24 @@ def make_qa(rng, n_docs, question, qa, seed):
         chosen = [docs[i] for i in own + rng.sample(more, max(0, n_docs - len(own)))]
     random.Random(seed).shuffle(chosen)
     context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(chosen))
-    return (FRAME.format(task_template=QA[0]) + QA[1]).format(context=context, query=q["query"]), q["outputs"]
+    return template.format(context=context, query=q["query"]), q["outputs"]
 
-
-def generator(task, tok, length, seed, sources, words):
+def generator(task, tok, length, seed, sources, words, frame):
     """(make(n, i) -> (prompt, answers) for sample i with haystack size n, the step RULER searches
-    the size in, the generation budget)."""
+    the size in, the generation budget). frame: FRAME, or "{task_template}" (RULER's 'base')."""
     spec, rng = TASKS[task], random.Random(seed)
+    kind = {"niah": NIAH, "vt": VT, "cwe": CWE, "fwe": FWE, "qa": QA}[spec[0]]
+    template = frame.format(task_template=kind[0]) + kind[1]
     if spec[0] == "niah":
         step = 500 if spec[1] == "essay" else (5 if length < 4096 else 25)
-        return (lambda n, i: make_niah(rng, n, spec, words, sources, seed)), step, NIAH[2]
-    if spec[0] == "vt":  # the one-shot example: the largest that fits 500 tokens, answered
-        shot, names = make_vt(rng, fit(lambda n, i: make_vt(rng, n, True), tok, 500, 0, 5), True)
+        return (lambda n, i: make_niah(rng, n, spec, words, sources, seed, template)), step, NIAH[2]
+    if spec[0] == "vt":  # the one-shot example: the largest that fits 500 tokens, answered, unframed
+        shot, names = make_vt(rng, fit(lambda n, i: make_vt(rng, n, VT[0] + VT[1], True), tok, 500, 0, 5),
+                              VT[0] + VT[1], True)
         shot += " " + " ".join(names) + "\n"
 
         def make_vt_with_shot(n, i):
-            text, answer = make_vt(rng, n, False)
+            text, answer = make_vt(rng, n, template)
             example = shot
             for name in names:  # the example's names and value, drawn anew for every sample
                 example = example.replace(name, "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=len(name))))
@@ -266,11 +247,11 @@ def generator(task, tok, length, seed, sources, words):
             return text[:cut] + example + "\n" + text[cut:], answer
         return make_vt_with_shot, 5 if length < 4096 else 10, VT[2]
     if spec[0] == "cwe":
-        return (lambda n, i: make_cwe(rng, n, length, words, seed)), 10, CWE[2]
-    if spec[0] == "qa":
-        return (lambda n, i: make_qa(rng, n, i, sources[spec[1]], seed)), 10, QA[2]
-    raise ValueError(task)
-
+        return (lambda n, i: make_cwe(rng, n, length, words, seed, template)), 10, CWE[2]
+    if spec[0] == "fwe":  # its vocabulary: a 50th of the room; its search step: a 32nd
+        room = length - FWE[2]
+        return (lambda n, i: make_fwe(rng, n, room // 50, seed, template)), max(1, room // 32), FWE[2]
+    return (lambda n, i: make_qa(rng, n, i, sources[spec[1]], seed, template)), 10, QA[2]
 
 def fit(make, tok, length, budget, step) -> int:
     """RULER's length accounting: the largest haystack size n (searched by halving between step and
@@ -285,28 +266,22 @@ def fit(make, tok, length, budget, step) -> int:
             hi = mid - 1
     return best or step
 
-
-def fit_fwe(tok, length, rng, seed):
-    """freq_words_extraction.py's search: grow the word count until the prompt reaches the length."""
-    room = length - FWE[2]
-    vocab, step = room // 50, room // 32
-    n = room // 6
-    while len(encode(tok, make_fwe(rng, n, vocab, seed)[0])) < room:
+def fit_fwe(make, tok, length, budget, step) -> int:
+    """freq_words_extraction.py's search: from a 6th of the room in words, grow by a step until the
+    prompt fills the room, then take one step back."""
+    n = (length - budget) // 6
+    while len(encode(tok, make(n, 0)[0])) < length - budget:
         n += step
-    return (lambda n, i: make_fwe(rng, n, vocab, seed)), n - step, step
+    return n - step
 
-
-def build(task, tok, length, n_samples, seed, sources, words) -> list[dict]:
+def build(task, tok, length, n_samples, seed, sources, words, chat=True) -> list[dict]:
     """RULER's records for one task at one length: index, input (the framed prompt up to the answer
     prefix), outputs (the references), length (tokens of input + prefix, plus the budget),
-    answer_prefix, tokens_to_generate."""
+    answer_prefix, tokens_to_generate. chat=False: no frame (RULER's 'base' template)."""
     words = dict(words, cwe=sorted(set(words["nouns"] + words["adjectives"] + words["verbs"])))
     random.Random(seed).shuffle(words["cwe"])
-    if TASKS[task][0] == "fwe":
-        (make, n, step), budget = fit_fwe(tok, length, random.Random(seed), seed), FWE[2]
-    else:
-        make, step, budget = generator(task, tok, length, seed, sources, words)
-        n = fit(make, tok, length, budget, step)
+    make, step, budget = generator(task, tok, length, seed, sources, words, FRAME if chat else "{task_template}")
+    n = (fit_fwe if task == "fwe" else fit)(make, tok, length, budget, step)
     prefix = {"niah": NIAH, "vt": VT, "cwe": CWE, "fwe": FWE, "qa": QA}[TASKS[task][0]][1][:10]
     records = []
     for i in range(n_samples):
@@ -325,18 +300,15 @@ def build(task, tok, length, n_samples, seed, sources, words) -> list[dict]:
                         "answer_prefix": text[cut:], "tokens_to_generate": budget})
     return records
 
-
 def postprocess(prediction: str) -> str:
     """evaluate.py's postprocess_pred: stripped, control characters turned into newlines."""
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
-
 
 def item_score(task: str, prediction: str, references: list[str]) -> float:
     """string_match_part for qa (any reference found), string_match_all for the rest (the share of
     references found), case-insensitive substring matches, as RULER scores them (0-1 per item)."""
     found = [r.lower() in postprocess(prediction).lower() for r in references]
     return float(max(found)) if task.startswith("qa") else sum(found) / len(found)
-
 
 def task_score(task, predictions, references) -> float:
     """A task's score as RULER reports it: the mean item score x 100, rounded to 2 decimals."""
