@@ -1,6 +1,8 @@
-"""Long-context evaluation: needle in a haystack, passkey, perplexity by position, JSONL benchmarks.
+"""Long-context evaluation: needle in a haystack, passkey, RULER, perplexity by position, JSONL benchmarks.
 
     python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
+    python eval.py ruler   --model DIR --lengths 128K,512K --haystack essays/ --squad dev-v2.0.json \
+                           --hotpotqa hotpot_dev_distractor_v1.json [--prepare-only]   (ruler.py: RULER's 13 tasks)
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import attention, data, rope, train
+import attention, data, rope, ruler, train
 import model as M
 from rope import UserError
 
@@ -351,6 +353,58 @@ def task_samples(args, tok):
     return (make_sample(args.task, tok, n, derive_seed(args.seed, args.task, n, x, i), depth=x, haystack=haystack,
                         **options) for n, x, i in cells), len(cells)
 
+def ruler_records(args, tok):
+    """(length, task, RULER's records, built lazily) for every runnable task (ruler.py); the tasks
+    that cannot run with the data given are named, once, with the reason."""
+    sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
+    args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
+    for task, why in args.skipped.items():
+        print(f"skipped {task}: it {why}")
+    words = ruler.load_words()
+    return [(n, t, ruler.build(t, tok, n, args.samples, derive_seed(args.seed, t, n), sources, words, args.chat))
+            for n in args.lengths for t in args.tasks if t not in args.skipped]
+
+def prepare_ruler(args, tok):
+    """--prepare-only: RULER's own layout, OUT/<task>/validation.jsonl (OUT/<length>/<task>/ for
+    several lengths), one record per line, and meta.json with the task's generation budget."""
+    for n, task, records in ruler_records(args, tok):
+        folder = os.path.join(args.out, *([format_length(n)] if len(args.lengths) > 1 else []), task)
+        os.makedirs(folder, exist_ok=True)
+        def write(tmp, records=records):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        M.atomic_write(os.path.join(folder, "validation.jsonl"), write)
+        save_text(os.path.join(folder, "meta.json"), json.dumps(dict(
+            task=task, max_seq_length=n, tokens_to_generate=ruler.budget(task), samples=args.samples,
+            template="meta-llama3" if args.chat else "base")))
+
+def ruler_table(items, lengths, tasks, skipped) -> dict:
+    """The paper's table: per length, each task's score (its items' mean x 100, as RULER rounds it)
+    and their average, each task counting once, over the tasks that ran (named in `tasks`)."""
+    table = {}
+    for n in lengths:
+        scores = {t: round(100 * mean(it["scores"]["ruler"] for it in items if it["length"] == n and it["task"] == t), 2)
+                  for t in tasks if t not in skipped}
+        table[format_length(n)] = dict(scores, average=round(mean(scores.values()), 2), tasks=len(scores))
+    return {"table": table, "skipped": skipped}
+
+def run_ruler(args, model, tok, d):
+    samples = (dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
+                    max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
+               for n, t, records in ruler_records(args, tok) for r in records)
+    items = generate_items(model, tok, samples, {}, d, "ruler", len(args.lengths) * len(args.tasks) * args.samples)
+    if not d.is_main:
+        return None
+    for it in items:  # string_match_all, or string_match_part for qa
+        it["scores"] = {"ruler": ruler.item_score(it["task"], it["prediction"], it["answers"])}
+    aggregate = ruler_table(items, args.lengths, args.tasks, args.skipped)
+    write_results(args, items, aggregate)
+    rows = [[n, *[row.get(t, "-") for t in args.tasks], f"{row['average']} ({row['tasks']} of {len(args.tasks)} tasks)"]
+            for n, row in aggregate["table"].items()]
+    save_text(os.path.join(args.out, "ruler.md"), markdown_table(["length", *args.tasks, "average"], rows) + "\n")
+    print(markdown_table(["length", *args.tasks, "average"], rows))
+
 def run_generation(args, model, tok, d):
     samples, total = task_samples(args, tok)
     metrics = {name: METRICS[name] for name in SCORES[args.task]}
@@ -410,7 +464,7 @@ def run_ppl(args, model, tok, d):
 # ---- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
-    p.add_argument("task", choices=["niah", "passkey", "ppl", "jsonl", "plot"])
+    p.add_argument("task", choices=["niah", "passkey", "ruler", "ppl", "jsonl", "plot"])
     p.add_argument("path", nargs="?", help="jsonl: the records file; plot: the --out of an earlier run")
     p.add_argument("--model", default="out/train/hf", help="HF-layout model directory (default: train.py's export)")
     p.add_argument("--out", help="output directory (default: out/eval/TASK)")
@@ -421,9 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts, no chat template")
     p.add_argument("--max-new-tokens", type=int, help="generation budget, in the length (default: 2 x answer + 8)")
     p.add_argument("--lengths", help="e.g. 1K,4K,16K (default: window/8, /4, /2, window); ppl uses the largest")
-    p.add_argument("--samples", type=int, default=1, help="niah, passkey: items per cell")
+    p.add_argument("--samples", type=int, default=1, help="niah, passkey, ruler: items per cell (RULER's own: 500)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah, passkey: needle depths, 0 to 1")
-    p.add_argument("--haystack", nargs="+", help="niah: text files, directories or globs (default: the built-in corpus)")
+    p.add_argument("--haystack", nargs="+", help="niah: text files, directories or globs (default: the built-in corpus); "
+                                                 "ruler: essays (.txt files, folders, PaulGrahamEssays.json)")
+    p.add_argument("--tasks", default=",".join(ruler.TASKS), help="ruler: a comma-separated subset of its 13 tasks")
+    p.add_argument("--squad", help="ruler qa_1: SQuAD v2.0 dev JSON")
+    p.add_argument("--hotpotqa", help="ruler qa_2: HotpotQA dev distractor JSON")
+    p.add_argument("--prepare-only", action="store_true", help="ruler: write RULER's validation.jsonl files, load no weights")
     p.add_argument("--docs", type=int, default=4, help="ppl: sequences to average over")
     p.add_argument("--data", nargs="+", help="ppl: documents (default: the built-in corpus)")
     p.add_argument("--max-len", help="jsonl: tokens of prompt + answer, e.g. 128K (default: the model's window)")
@@ -438,7 +497,10 @@ def fill_defaults(args, window: int):
         args.depths = [float(x) for x in args.depths.split(",")]
     except ValueError:
         raise UserError(f"cannot read --depths {args.depths}; depths are fractions like 0,0.5,1") from None
+    args.tasks = args.tasks.split(",")
     refuse([(args.task == "jsonl" and not args.path, "jsonl needs a file: python eval.py jsonl FILE.jsonl"),
+            (not set(args.tasks) <= set(ruler.TASKS), f"--tasks: unknown {set(args.tasks) - set(ruler.TASKS)}; "
+                                                      f"RULER's are {', '.join(ruler.TASKS)}"),
             (args.lengths[0] < 2, f"length {args.lengths[0]} is too short to evaluate anything"),
             (any(not 0 <= x <= 1 for x in args.depths), "--depths must lie between 0 and 1"),
             *[(getattr(args, k) is not None and getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
@@ -457,6 +519,10 @@ def main(argv=None) -> int:
             return plot_saved(args.path or "") or 0
         if args.task == "ppl" and max(world, args.cp) > 1:
             raise UserError("ppl has no context-parallel path; run it as one process, without torchrun")
+        if args.task == "ruler" and args.prepare_only:  # the tokenizer alone; no process group, no weights
+            tok = data.load_tokenizer(args.model)
+            fill_defaults(args, M.args_from_hf_config(M.read_hf_config(args.model)).max_seq_len)
+            return prepare_ruler(args, tok) or 0
         check_cp_launch(args.cp, world)
         d = train.setup_distributed(args.cp)  # gloo on CPU, NCCL on cuda:LOCAL_RANK; one device without torchrun
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if reporting else devnull), \
@@ -464,7 +530,7 @@ def main(argv=None) -> int:
             model, tok = load_model(args.model, args.dtype, d.device)
             fill_defaults(args, model.args.max_seq_len)
             args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
-            (run_ppl if args.task == "ppl" else run_generation)(args, model, tok, d)
+            {"ppl": run_ppl, "ruler": run_ruler}.get(args.task, run_generation)(args, model, tok, d)
     except (UserError, FileNotFoundError) as e:
         if reporting:
             print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ noun (RULER draws from the set of all pairs: the same distribution but for the r
 """
 
 import gzip, json, math, os, random, re, uuid
+from collections.abc import Iterator
 
 from rope import UserError
 
@@ -43,6 +44,7 @@ NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # np.round(np.linspace(0, 100, 40)): needle depths in %
 ZETA_2 = math.pi ** 2 / 6  # zeta(alpha) for fwe's Zipf counts, alpha = 2 (synthetic.yaml)
 
+KINDS = {"niah": NIAH, "vt": VT, "cwe": CWE, "fwe": FWE, "qa": QA}  # (template, answer prefix, budget)
 # synthetic.yaml: niah (haystack, key type, value type, keys, values per key, queries)
 TASKS = {"niah_single_1": ("niah", "noise", "words", "numbers", 1, 1, 1),
          "niah_single_2": ("niah", "essay", "words", "numbers", 1, 1, 1),
@@ -54,6 +56,10 @@ TASKS = {"niah_single_1": ("niah", "noise", "words", "numbers", 1, 1, 1),
          "niah_multiquery": ("niah", "essay", "words", "numbers", 1, 1, 4),
          "vt": ("vt",), "cwe": ("cwe",), "fwe": ("fwe",), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa")}
 SPECIAL = re.compile(r"(<\|(?:begin_of_text|start_header_id|end_header_id|eot_id)\|>)")
+
+def budget(task: str) -> int:
+    """The task's tokens_to_generate (constants.py), counted in the length."""
+    return KINDS[TASKS[task][0]][2]
 
 def encode(tok, text: str) -> list[int]:
     """Token ids of a RULER prompt: the frame's special tokens by id, the text between them encoded
@@ -227,7 +233,7 @@ def generator(task, tok, length, seed, sources, words, frame):
     """(make(n, i) -> (prompt, answers) for sample i with haystack size n, the step RULER searches
     the size in, the generation budget). frame: FRAME, or "{task_template}" (RULER's 'base')."""
     spec, rng = TASKS[task], random.Random(seed)
-    kind = {"niah": NIAH, "vt": VT, "cwe": CWE, "fwe": FWE, "qa": QA}[spec[0]]
+    kind = KINDS[spec[0]]
     template = frame.format(task_template=kind[0]) + kind[1]
     if spec[0] == "niah":
         step = 500 if spec[1] == "essay" else (5 if length < 4096 else 25)
@@ -274,16 +280,15 @@ def fit_fwe(make, tok, length, budget, step) -> int:
         n += step
     return n - step
 
-def build(task, tok, length, n_samples, seed, sources, words, chat=True) -> list[dict]:
-    """RULER's records for one task at one length: index, input (the framed prompt up to the answer
-    prefix), outputs (the references), length (tokens of input + prefix, plus the budget),
+def build(task, tok, length, n_samples, seed, sources, words, chat=True) -> Iterator[dict]:
+    """RULER's records, one at a time, for one task at one length: index, input (the framed prompt up
+    to the answer prefix), outputs (the references), length (tokens of input + prefix, plus the budget),
     answer_prefix, tokens_to_generate. chat=False: no frame (RULER's 'base' template)."""
     words = dict(words, cwe=sorted(set(words["nouns"] + words["adjectives"] + words["verbs"])))
     random.Random(seed).shuffle(words["cwe"])
     make, step, budget = generator(task, tok, length, seed, sources, words, FRAME if chat else "{task_template}")
     n = (fit_fwe if task == "fwe" else fit)(make, tok, length, budget, step)
-    prefix = {"niah": NIAH, "vt": VT, "cwe": CWE, "fwe": FWE, "qa": QA}[TASKS[task][0]][1][:10]
-    records = []
+    prefix = KINDS[TASKS[task][0]][1][:10]
     for i in range(n_samples):
         used = n
         while True:  # a draw that came out longer gives back one step of haystack
@@ -296,9 +301,8 @@ def build(task, tok, length, n_samples, seed, sources, words, chat=True) -> list
                                 f"and {budget}-token answer take {tokens} tokens")
             used -= step
         cut = text.rfind(prefix)
-        records.append({"index": i, "input": text[:cut], "outputs": answers, "length": tokens,
-                        "answer_prefix": text[cut:], "tokens_to_generate": budget})
-    return records
+        yield {"index": i, "input": text[:cut], "outputs": answers, "length": tokens,
+               "answer_prefix": text[cut:], "tokens_to_generate": budget}
 
 def postprocess(prediction: str) -> str:
     """evaluate.py's postprocess_pred: stripped, control characters turned into newlines."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import ruler
 import eval as E
 import model as M
 import rope
@@ -335,3 +336,65 @@ def test_missing_matplotlib_still_writes_the_data(tiny_dir, cache, tmp_path, mon
     assert os.path.exists(os.path.join(out, "results.json"))
     assert not os.path.exists(os.path.join(out, "niah_heatmap.png"))
     assert f"python eval.py plot {out}" in capsys.readouterr().out
+
+
+def write_squad(path):
+    paragraphs = [{"context": f"The river Zyx{i} runs north of town {i}.", "qas": [
+        {"question": f"Where does the river Zyx{i} run?", "is_impossible": False, "answers": [{"text": f"town {i}"}]}]}
+        for i in range(30)]
+    path.write_text(json.dumps({"data": [{"title": "A", "paragraphs": paragraphs}]}))
+    return str(path)
+
+
+def test_ruler_end_to_end_names_skipped_tasks_and_averages_the_rest(tiny_dir, cache, tmp_path, capsys):
+    out, squad = str(tmp_path / "ruler"), write_squad(tmp_path / "squad.json")
+    tasks = "niah_single_1,niah_single_2,vt,qa_1"
+    assert E.main(["ruler", "--model", tiny_dir, "--cache", cache, "--lengths", "2K", "--tasks", tasks,
+                   "--squad", squad, "--out", out, "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped niah_single_2: it needs essays for its haystack (--haystack" in printed
+    result = json.load(open(os.path.join(out, "results.json")))
+    items, row = result["items"], result["aggregate"]["table"]["2K"]
+    assert row["tasks"] == 3 and "niah_single_2" not in row and len(items) == 6
+    assert {it["max_new_tokens"] for it in items} == {128, 30, 32}  # RULER's fixed budgets
+    for it in items:  # RULER's metric recomputed from what the item holds
+        assert it["scores"]["ruler"] == ruler.item_score(it["task"], it["prediction"], it["answers"])
+        assert it["prompt_tokens"] + it["max_new_tokens"] <= 2048
+    for task in ("niah_single_1", "vt", "qa_1"):
+        assert row[task] == ruler.task_score(task, *zip(*[(it["prediction"], it["answers"]) for it in items
+                                                           if it["task"] == task]))
+    assert row["average"] == round(sum(row[t] for t in ("niah_single_1", "vt", "qa_1")) / 3, 2)
+    assert "| 2K |" in printed and "(3 of 4 tasks)" in printed and os.path.isfile(os.path.join(out, "ruler.md"))
+
+
+def test_ruler_average_counts_each_task_once():
+    items = [{"length": 4096, "task": "vt", "scores": {"ruler": s}} for s in (1, 1, 1, 0)] + \
+            [{"length": 4096, "task": "cwe", "scores": {"ruler": 0.5}}]
+    row = E.ruler_table(items, [4096], ["vt", "cwe", "fwe"], {"fwe": "why"})["table"]["4K"]
+    assert row == {"vt": 75.0, "cwe": 50.0, "average": 62.5, "tasks": 2}  # not the item mean, 70
+
+
+def test_ruler_prepare_only_writes_rulers_layout_without_weights(tiny_dir, cache, tmp_path):
+    out, squad = tmp_path / "prepared", write_squad(tmp_path / "squad.json")
+    essays = tmp_path / "essays"
+    essays.mkdir()
+    (essays / "a.txt").write_text("The clocks were striking thirteen. Winston slipped through the doors. " * 300)
+    argv = ["ruler", "--model", tiny_dir, "--prepare-only", "--haystack", str(essays), "--squad", squad,
+            "--samples", "2", "--out"]
+    assert E.main([*argv, str(out), "--lengths", "8K"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(t for t in ruler.TASKS if t != "qa_2")  # no HotpotQA file: named, not faked
+    for task in written:
+        records = [json.loads(line) for line in (out / task / "validation.jsonl").read_text().splitlines()]
+        meta = json.loads((out / task / "meta.json").read_text())
+        assert [r["index"] for r in records] == [0, 1] and meta["tokens_to_generate"] == ruler.budget(task)
+        assert all({"index", "input", "outputs", "length", "answer_prefix"} <= set(r) for r in records)
+        assert all(r["length"] <= 8192 and r["input"].startswith("<|begin_of_text|>") for r in records)
+    assert E.main([*argv, str(tmp_path / "two"), "--lengths", "4K,8K", "--tasks", "vt"]) == 0
+    assert (tmp_path / "two" / "4K" / "vt" / "validation.jsonl").is_file()
+    assert (tmp_path / "two" / "8K" / "vt" / "validation.jsonl").is_file()
+
+
+def test_ruler_refuses_unknown_tasks(tiny_dir, capsys):
+    assert E.main(["ruler", "--model", tiny_dir, "--prepare-only", "--tasks", "niah_single_1,nope"]) == 2
+    assert "--tasks: unknown {'nope'}" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def records(sources):
     tok, words = data.builtin_tokenizer(), ruler.load_words()
-    return {task: ruler.build(task, tok, LENGTH, 2, 0, sources, words) for task in ruler.TASKS}
+    return {task: list(ruler.build(task, tok, LENGTH, 2, 0, sources, words)) for task in ruler.TASKS}
 
 
 def test_the_thirteen_tasks_of_the_paper():
@@ -176,13 +176,13 @@ def test_missing_sources_are_named_and_bad_files_refused(tmp_path):
     with pytest.raises(UserError, match="--squad: .*squad.json is not a readable squad JSON file"):
         ruler.read_sources(None, str(bad), None)
     with pytest.raises(UserError, match="too short for RULER's niah_single_1"):
-        ruler.build("niah_single_1", data.builtin_tokenizer(), 300, 1, 0, none, ruler.load_words())
+        list(ruler.build("niah_single_1", data.builtin_tokenizer(), 300, 1, 0, none, ruler.load_words()))
 
 
 def test_without_the_chat_frame_the_prompt_is_the_task_alone():
     none = ruler.read_sources(None, None, None)
     for task in ("niah_single_1", "vt", "fwe"):
-        r = ruler.build(task, data.builtin_tokenizer(), 4096, 1, 0, none, ruler.load_words(), chat=False)[0]
+        r = next(ruler.build(task, data.builtin_tokenizer(), 4096, 1, 0, none, ruler.load_words(), chat=False))
         assert "<|" not in r["input"] and r["length"] <= 4096, task
         assert r["length"] == len(ruler.encode(data.builtin_tokenizer(), r["input"] + r["answer_prefix"])) + \
             BUDGETS[ruler.TASKS[task][0]]
