@@ -191,6 +191,8 @@ def make_cwe(rng, n, length, words, seed, template):
 
     def example(n_words, common_repeats, uncommon_repeats):
         pool = words["cwe"] if n_words <= len(words["cwe"]) else words["english"]
+        if n_words > len(pool):  # RULER draws from a 470K-word list there; ours holds 247K
+            raise UserError(f"cwe at {length} tokens needs {n_words} distinct words; ruler_words.txt.gz has {len(pool)}")
         picked = rng.sample(pool, n_words)
         listed = picked[:10] * common_repeats + picked[10:] * uncommon_repeats
         random.Random(seed).shuffle(listed)
