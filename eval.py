@@ -393,7 +393,8 @@ def run_ruler(args, model, tok, d):
     samples = (dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
                     max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
                for n, t, records in ruler_records(args, tok) for r in records)
-    items = generate_items(model, tok, samples, {}, d, "ruler", len(args.lengths) * len(args.tasks) * args.samples)
+    runnable = len(args.tasks) - len(args.skipped)  # known once the generator's first iterable is built
+    items = generate_items(model, tok, samples, {}, d, "ruler", len(args.lengths) * runnable * args.samples)
     if not d.is_main:
         return None
     for it in items:  # string_match_all, or string_match_part for qa
