@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 import data
 import model as M
 import rope
+from test_train import write_corpus  # the same small JSONL corpus as test_train's runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
@@ -96,16 +97,6 @@ def save_start_checkpoint(path, scale=1.0):
         for p in m.parameters():
             p.mul_(scale)
     m.save_pretrained(str(path), tokenizer=data.builtin_tokenizer())
-
-
-def write_corpus(path):
-    rng = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"]
-    with open(path, "w") as f:
-        for i in range(60):
-            n = int(torch.randint(5, 400, (1,), generator=rng))
-            text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=rng))
-            f.write(json.dumps({"text": f"document {i}: {text}"}) + "\n")
 
 
 def write_chat(path):
