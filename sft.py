@@ -31,7 +31,6 @@ def build_parser():
                                              "path:weight (absent: the built-in SYNTHETIC chat task)")
     p.add_argument("--max-len", help="rows of this many tokens (default: 8K as the paper; tiny: 1K); longer "
                                      "conversations are truncated, and counted")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     p.add_argument("--loss-weighting", default="token", choices=["token", "conversation"],
                    help="a mean over the batch's answer tokens, or over its conversations of each one's mean "
                         "(LongAlign's, so that long answers do not drown short ones; needs --cp 1)")

@@ -7,7 +7,7 @@ One flat loop (nanoGPT-style), which sft.py runs too, parallelised with what PyT
 (dp, cp) DeviceMesh, FSDP2 `fully_shard` per layer over all ranks, per-layer activation checkpointing,
 and ring attention (attention.py) on the cp sub-group.
 """
-import argparse, glob, json, math, os, pathlib, resource, shutil, time, warnings
+import argparse, errno, fcntl, glob, json, math, os, pathlib, resource, shutil, signal, socket, sys, time, warnings, zlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +24,11 @@ LR_WARMUP, MIN_LR_RATIO = 0.1, 0.1  # linear warmup over 10% of the steps, then 
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
 YARN_BETAS = (4.0, 1.0)  # (beta_fast, beta_slow): the paper's YaRN beta = 4, alpha = 1 (RECIPE.md)
 KEEP = 2  # complete checkpoints kept: the newest, and one more in case the newest is unreadable
+DISK_FULL = 64 * 2 ** 20  # bytes free under which a failed write is taken for a full disk
+# What may change between the launches of one run (a requeue on other nodes, a longer schedule);
+# any other option differing from --out's run.json means another run.
+RELAUNCH_FREE = {"out", "resume", "steps", "tokens", "save_every", "compile", "activation_checkpointing", "cache",
+                 "skip_bad", "plan", "world", "tokenize_only", "cp", "micro_batch", "heldout"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16, from the datasheets (fp32 runs TF32: half)
 PLAN_MFU, PLAN_GPU_MEMORY = 0.4, 80 * 2 ** 30  # --plan assumes 40% MFU and, away from a GPU, an 80 GiB H100
@@ -44,7 +49,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="default: on GPUs")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--resume", nargs="?", const="auto", default="auto", help="auto (default): continue this "
+                   "run's newest good checkpoint in --out, if any; or the path of a checkpoint to continue from")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, help="attend within each document only")
     p.set_defaults(loss_weighting="token", world=None)  # options of one stage only
     return p
@@ -96,8 +103,8 @@ def check_flags(args, ctx_flag: str, more=()):
     if args.batch % (world // args.cp * args.micro_batch) != 0:
         raise UserError(f"--batch {args.batch} must be a multiple of data-parallel size x micro-batch "
                         f"= {world // args.cp} x {args.micro_batch}")
-    if args.resume and not checkpoint_dirs(args.out):
-        raise UserError(f"--resume: no complete checkpoint in {os.path.join(args.out, 'checkpoints')}")
+    if args.resume != "auto" and not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
+        raise UserError(f"--resume {args.resume}: no complete checkpoint there")
 
 # --- Distributed setup ----------------------------------------------------------------------------
 @dataclass
@@ -112,6 +119,7 @@ class Dist:
     cp_rank: int = 0
     cp_group: object = None
     fsdp_mesh: object = None  # every rank: parameters are sharded over all of them
+    lock: object = None  # rank 0's open lock file of --out, held for the whole launch
     is_main = property(lambda self: self.rank == 0)
 
 def setup_distributed(cp: int) -> Dist:
@@ -198,11 +206,91 @@ def get_lr(step: int, args) -> float:
     progress = (step - warmup) / max(1, args.steps - warmup)
     return args.lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-# --- Checkpoints: sharded, atomic, resumable; the HF export -------------------------------------
+# --- The output folder: one run per --out, one launch at a time; checkpoints verified on load ---------
+def claim_out(args, d: Dist):
+    """One command line serves the first launch and every requeue. Rank 0 locks --out; its run.json tells
+    this run from another (refused). args.resume becomes the newest good checkpoint, or None: start fresh."""
+    run_file, metrics = os.path.join(args.out, "run.json"), os.path.join(args.out, "metrics.jsonl")
+    if d.is_main:
+        lock_out(args.out, d)
+    mine = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RELAUNCH_FREE}))
+    saved = json.loads(pathlib.Path(run_file).read_text()) if os.path.isfile(run_file) else None
+    differ = [k for k in mine if saved is None or saved.get(k) != mine[k]]
+    if args.resume == "auto" and checkpoint_dirs(args.out) and differ:
+        what = "it has no run.json" if saved is None else ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)} there, {mine[k]} here" for k in differ)
+        raise UserError(f"{args.out} holds the checkpoints of another run ({what}): use another --out, or "
+                        f"delete {os.path.join(args.out, 'checkpoints')} to start over there")
+    args.resume = pick_checkpoint(args, d)
+    state = json.loads(pathlib.Path(args.resume, "trainer_state.json").read_text()) if args.resume else {}
+    if state.get("step", 0) > args.steps:
+        raise UserError(f"--steps {args.steps} is below the step of {args.resume} ({state['step']})")
+    args.data_steps = saved["steps"] if args.resume and not differ else args.steps  # the data's token budget
+    if d.is_main:
+        M.write_json(run_file, {**mine, "steps": args.data_steps})
+        if os.path.exists(metrics):  # the rows of the steps after the checkpoint are to be trained again
+            os.truncate(metrics, state.get("metrics_bytes", 0))
+    barrier(d)
+
+def lock_out(out: str, d: Dist):
+    """flock, which the kernel releases when its holder dies (even by SIGKILL), in a file naming the
+    holder for whoever is refused. Under the lock, what a dead launch left unfinished is removed."""
+    os.makedirs(out, exist_ok=True)
+    d.lock = open(os.path.join(out, "lock"), "a+")
+    try:
+        fcntl.flock(d.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{out} is in use by another launch ({pathlib.Path(d.lock.name).read_text().strip()}); "
+                        "wait for it to end, or use another --out") from None
+    d.lock.truncate(0)
+    print(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}",
+          file=d.lock, flush=True)
+    for tmp in glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*.tmp")):
+        print(f"removing {tmp}: a save that a dead launch left unfinished")
+        shutil.rmtree(tmp, ignore_errors=True)
+
 def checkpoint_dirs(out: str) -> list[str]:
     """Complete checkpoints, oldest first. A directory still named *.tmp was never finished."""
     paths = glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*[0-9]"))  # not step_N.tmp
     return sorted(p for p in paths if os.path.exists(os.path.join(p, "trainer_state.json")))
+
+def pick_checkpoint(args, d: Dist) -> str | None:
+    """--resume PATH, which must be good; or (auto) the newest good one in --out, a damaged one being named
+    and skipped; or None: start fresh. Good: every file has the size and CRC-32 recorded when it was saved
+    (a torn or bit-flipped shard would otherwise load, and surface later as NaNs)."""
+    candidates = checkpoint_dirs(args.out)[::-1] if args.resume == "auto" else [args.resume]
+    for path in candidates:
+        try:
+            expected = json.loads(pathlib.Path(path, "trainer_state.json").read_text())["files"]
+            got = file_sums(path, d)
+            problem = next((f"{name} is {got.get(name, 'missing')} but {sums} (bytes, CRC-32) was saved"
+                            for name, sums in expected.items() if got.get(name) != sums), None)
+        except (OSError, ValueError, KeyError) as e:
+            problem = f"its trainer_state.json is unreadable ({type(e).__name__}: {e})"
+        if problem is None:
+            return path
+        if args.resume != "auto":
+            raise UserError(f"checkpoint {path} is damaged: {problem}")
+        print0(d, f"warning: skipping checkpoint {path}, which is damaged: {problem}")
+    if candidates:
+        raise UserError(f"every checkpoint in {os.path.join(args.out, 'checkpoints')} is damaged; "
+                        "pass --resume PATH to pick one, or use another --out")
+    return None
+
+def file_sums(path: str, d: Dist) -> dict[str, list[int]]:
+    """{file: [bytes, CRC-32]} of a checkpoint's shard files. Rank r reads every world-th file, so all
+    ranks check a checkpoint in parallel (zlib's CRC-32: ~7 GiB/s on one core; the disk is the limit)."""
+    mine = {}
+    for name in sorted(n for n in os.listdir(path) if n != "trainer_state.json")[d.rank :: d.world]:
+        with open(os.path.join(path, name), "rb") as f:
+            sums = [0, 0]
+            while chunk := f.read(1 << 26):
+                sums = [sums[0] + len(chunk), zlib.crc32(chunk, sums[1])]
+        mine[name] = sums
+    everyone = [mine] * d.world
+    if d.world > 1:
+        dist.all_gather_object(everyone, mine)
+    return {name: sums for part in everyone for name, sums in part.items()}
 
 def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
     """Saves (or loads) the model's and AdamW's shards with torch.distributed.checkpoint, each rank its
@@ -216,31 +304,61 @@ def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
     if load:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
-def save_checkpoint(out: str, step: int, model, optimizer, loader, d: Dist):
+def disk_full(e: BaseException, path: str) -> bool:
+    """Is this failure a full disk? torch's zip writer reports one as `unexpected pos 704 vs 598`."""
+    codes = {getattr(x, "errno", None) for x in (e, e.__cause__, e.__context__)}
+    while not os.path.exists(path):  # the nearest folder that exists is on the same disk
+        path = os.path.dirname(os.path.abspath(path))
+    return bool(codes & {errno.ENOSPC, errno.EDQUOT}) or shutil.disk_usage(path).free < DISK_FULL
+
+def save_checkpoint(out: str, step: int, model, optimizer, loader, args, d: Dist):
     """Every rank writes its own shards (no rank gathers the model) into step_N.tmp; rank 0 adds the
-    trainer state and renames the directory only once all ranks have finished, then prunes to KEEP."""
+    trainer state with each file's size and CRC-32, renames the directory once all ranks have finished,
+    then prunes to KEEP (and drops checkpoints past this step: a resumed-from-older run replaced them)."""
     final = os.path.join(out, "checkpoints", f"step_{step:08d}")
     tmp = final + ".tmp"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
         os.makedirs(tmp)
     barrier(d)
-    sharded_state(tmp, model, optimizer, d)
-    barrier(d)
+    try:
+        sharded_state(tmp, model, optimizer, d)
+        barrier(d)
+        state = {"step": step, "steps": args.steps, "loader": loader.state_dict(), "rng": torch.get_rng_state().tolist(),
+                 "files": file_sums(tmp, d)}
+        if d.is_main:  # metrics.jsonl's length at this step: a resume cuts it back to this
+            metrics = os.path.join(out, "metrics.jsonl")
+            state["metrics_bytes"] = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+            M.write_json(os.path.join(tmp, "trainer_state.json"), state)
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e, out):
+            raise UserError(f"the disk holding {out} is full: step {step}'s checkpoint could not be written and "
+                            "was removed (the previous ones are intact); free space and run the same command") from None
+        raise
     if d.is_main:
-        state = {"step": step, "loader": loader.state_dict(), "rng": torch.get_rng_state().tolist()}
-        pathlib.Path(tmp, "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)  # a resumed-from-older run saves this step again
         os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-KEEP]:
+        dirs = checkpoint_dirs(out)
+        steps_of = {c: int(c.rsplit("_", 1)[1]) for c in dirs}
+        for old in [c for c in dirs if steps_of[c] > step] + [c for c in dirs if steps_of[c] <= step][:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
 
-def load_checkpoint(path: str, model, optimizer, loader, d: Dist) -> int:
-    sharded_state(path, model, optimizer, d, load=True)
-    trainer = json.loads(pathlib.Path(path, "trainer_state.json").read_text())
-    loader.load_state_dict(trainer["loader"])
-    torch.set_rng_state(torch.tensor(trainer["rng"], dtype=torch.uint8))
-    return trainer["step"]
+def load_checkpoint(args, model, optimizer, loader, d: Dist) -> int:
+    """Restores args.resume's checkpoint; returns its step (0 without one). A longer --steps is allowed."""
+    if not args.resume:
+        return 0
+    sharded_state(args.resume, model, optimizer, d, load=True)
+    saved = json.loads(pathlib.Path(args.resume, "trainer_state.json").read_text())
+    loader.load_state_dict(saved["loader"])
+    torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+    start, before = saved["step"], argparse.Namespace(**{**vars(args), "steps": saved["steps"]})
+    print0(d, f"resumed from {args.resume} at step {start}" + ("" if before.steps == args.steps else
+           f"; the schedule now ends at step {args.steps}, not {before.steps}: lr at step {start + 1} is "
+           f"{get_lr(start, args):.3g}, not {get_lr(start, before):.3g}"))
+    return start
 
 def export_hf(model, out: str, tokenizer, d: Dist):
     """Consolidated HF-layout export: transformers and vLLM load it as a normal Llama."""
@@ -327,7 +445,7 @@ def loss_divisor(micro_batches: list[dict], args, d: Dist) -> tuple[torch.Tensor
         mb["weights"] = label_weights(mb["labels"], mb["doc_ids"])
     return all_reduce_sum(sum(mb["weights"].sum() for mb in micro_batches), d).clamp(min=1), labelled
 
-def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.Tensor, args, d: Dist):
+def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.Tensor, step: int, args, d: Dist):
     """Forward and backward of every micro-batch (the gradients accumulate), then one clipped AdamW
     step. Returns the step's loss and gradient norm; a non-finite one stops the run, unsaved."""
     # one process keeps fp32 weights and autocasts; several get bf16 compute from FSDP's policy
@@ -344,7 +462,7 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.T
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        print0(d, f"error: non-finite loss ({loss}) or grad norm ({grad_norm}); stopping without saving; "
+        print0(d, f"error: non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step + 1}; stopping without saving; "
                   f"the last good checkpoint is kept in {args.out}/checkpoints")
         raise SystemExit(1)
     optimizer.step()
@@ -352,20 +470,19 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.T
     return loss, grad_norm
 
 def train(args, model, loader, tokenizer, d: Dist):
-    """Runs args.steps optimizer steps from wherever the checkpoints say, exports, leaves the group."""
+    """Runs args.steps optimizer steps from args.resume's checkpoint (or step 0), exports, leaves the group.
+    SIGTERM (what SLURM and Kubernetes send before the kill) or SIGUSR1 (SLURM's --signal): every rank
+    finishes its step, a checkpoint is saved, and the launch ends cleanly; the same command continues."""
     from tqdm import tqdm
-    os.makedirs(args.out, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=1e-8)
-    start, newest = 0, (checkpoint_dirs(args.out) or [None])[-1]
-    if args.resume:
-        start = load_checkpoint(newest, model, optimizer, loader, d)
-        print0(d, f"resumed from {newest} at step {start}")
-    accum = args.batch // (d.dp * args.micro_batch)
+    start = load_checkpoint(args, model, optimizer, loader, d)
+    stop = []  # the signal that asked this rank to stop
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, lambda n, frame: stop.append(signal.Signals(n).name))
+    accum, stopping = args.batch // (d.dp * args.micro_batch), False
     flops_per_step = M.flops_per_token(model.args, args.ctx) * args.batch * args.ctx
     peak = peak_flops(d.device, DTYPES[args.dtype])
     metrics = os.path.join(args.out, "metrics.jsonl")
-    if d.is_main and start == 0 and os.path.exists(metrics):
-        os.remove(metrics)
     batches = iter(loader)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not d.is_main, dynamic_ncols=True)
     for step in bar:
@@ -375,7 +492,7 @@ def train(args, model, loader, tokenizer, d: Dist):
             group["lr"] = lr
         micro_batches = [{k: v.to(d.device) for k, v in next(batches).items()} for _ in range(accum)]
         divisor, labelled = loss_divisor(micro_batches, args, d)
-        loss, grad_norm = optimizer_step(model, optimizer, micro_batches, divisor, args, d)
+        loss, grad_norm = optimizer_step(model, optimizer, micro_batches, divisor, step, args, d)
         dt = time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(labelled),
                   "tokens_per_s": args.batch * args.ctx / dt, "step_s": dt, "peak_mem_gib": peak_memory_gib(d.device),
@@ -385,14 +502,22 @@ def train(args, model, loader, tokenizer, d: Dist):
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(args.out, step + 1, model, optimizer, loader, d)
+        stopping = all_reduce_sum(torch.tensor(float(len(stop)), device=d.device), d).item() > 0
+        if step + 1 < args.steps and (stopping or args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(args.out, step + 1, model, optimizer, loader, args, d)
+        if stopping and step + 1 < args.steps:
+            break
     bar.close()
-    save_checkpoint(args.out, args.steps, model, optimizer, loader, d)
-    export_hf(model, args.out, tokenizer, d)
-    print0(d, f"done: {args.steps} steps; HF checkpoint in {os.path.join(args.out, 'hf')}, metrics in {metrics}")
+    if stopping:
+        print0(d, f"stopped by {stop[0] if stop else 'a signal to another rank'} after step {step + 1} of "
+                  f"{args.steps}: checkpoint saved in {args.out}; run the same command to continue")
+    else:
+        save_checkpoint(args.out, args.steps, model, optimizer, loader, args, d)
+        export_hf(model, args.out, tokenizer, d)
+        print0(d, f"done: {args.steps} steps; HF checkpoint in {os.path.join(args.out, 'hf')}, metrics in {metrics}")
     if d.world > 1:
         dist.destroy_process_group()
+    return not stopping
 
 # --- Stage 1's data, and the entry point sft.py shares ---------------------------------------------
 def stage1_loader(args, tokenizer, d: Dist):
@@ -401,10 +526,10 @@ def stage1_loader(args, tokenizer, d: Dist):
     log = print if d.is_main else (lambda *a, **k: None)
     if not d.is_main:
         barrier(d)
-    token_file = data.build_token_file(args.data, tokenizer, args.cache, log=log)
+    token_file = data.build_token_file(args.data, tokenizer, args.cache, skip_bad=args.skip_bad, log=log)
     if d.is_main:
         barrier(d)
-    order = data.sample_by_length(token_file, args.steps * args.batch * args.ctx, args.seed, log=log)
+    order = data.sample_by_length(token_file, args.data_steps * args.batch * args.ctx, args.seed, log=log)
     dataset = data.PackedDataset(token_file, order, args.ctx, data.separator_ids(tokenizer, args.separator))
     return data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
                        cp_size=d.cp, seed=args.seed)
@@ -416,7 +541,9 @@ def prepare(args) -> Dist:
     if args.activation_checkpointing is None:
         args.activation_checkpointing = torch.cuda.is_available()
     torch.manual_seed(args.seed)
-    return setup_distributed(args.cp)
+    d = setup_distributed(args.cp)
+    claim_out(args, d)
+    return d
 
 def run(args):
     if args.tokenize_only:
@@ -431,10 +558,18 @@ def run(args):
     train(args, model, stage1_loader(args, tokenizer, d), tokenizer, d)
 
 def main(argv=None, run=run, parser=build_parser, defaults=fill_defaults):
+    """A user's mistake, or a full disk anywhere (token cache, metrics, export), is one sentence and exit 2."""
+    args = parser().parse_args(argv)
     try:
-        run(defaults(parser().parse_args(argv)))
-    except (UserError, FileNotFoundError) as e:  # a user's mistake: one sentence, no traceback
-        raise SystemExit(f"error: {e}") from None
+        return run(defaults(args))
+    except (UserError, FileNotFoundError) as e:
+        sentence = str(e)
+    except OSError as e:
+        if not disk_full(e, args.out):
+            raise
+        sentence = f"the disk holding {e.filename or args.out} is full ({e.strerror}): free space and run the same command"
+    print(f"error: {sentence}", file=sys.stderr)
+    raise SystemExit(2)
 
 if __name__ == "__main__":
     main()

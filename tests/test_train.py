@@ -121,7 +121,7 @@ def test_export_loads_in_transformers_with_our_logits(reference):
 @pytest.mark.parametrize("args, message", [
     (["--ctx", "1001", "--cp", "2", "--world", "2", "--plan"], "divisible by 2 x cp = 4"),
     (["--cp", "3", "--world", "4", "--plan"], "world size 4 is not divisible by --cp 3"),
-    (["--resume"], "no complete checkpoint"),
+    (["--resume", "{tmp}/nowhere"], "no complete checkpoint there"),
     (["--model", "{tmp}/empty_model"], "config.json is missing"),
 ])
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, message):

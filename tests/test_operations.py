@@ -1,0 +1,171 @@
+"""An operator's faults, each caused here: a relaunch of the same command, another run's --out, a second
+launch on one --out, SIGTERM/SIGUSR1, damaged checkpoints, a full disk, a longer schedule, a NaN. Each
+checks the sentence, the exit status, which checkpoint is used, and that the losses after the fault equal
+the uninterrupted run's (test_train's `reference`)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_train import STEPS, assert_same_losses, losses, reference, run, train_cmd  # noqa: F401 (a fixture)
+
+
+def launch(cmd, cwd, timeout=600):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def metric_steps(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def wait_for_steps(out, proc, n, timeout=300):
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {n}")
+
+
+def test_the_same_command_twice_continues_and_another_run_is_refused(reference):
+    out = reference / "again"
+    shutil.copytree(reference / "single", out)
+    before = sorted(os.listdir(out / "checkpoints"))
+    result = run(train_cmd(reference, out, extra=["--save-every", "2"]), reference)  # a requeue after the end
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    # another run into this --out (another --ctx): refused by name, nothing of the first run is touched
+    result = launch(train_cmd(reference, out, extra=["--ctx", "128"]), reference)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {out} holds the checkpoints of another run (--ctx 256 there, 128 here): use another --out, " \
+           f"or delete {out / 'checkpoints'} to start over there" in result.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == before and metric_steps(out) == list(range(1, STEPS + 1))
+
+
+def test_a_longer_schedule_extends_the_run_and_says_how(reference):
+    out = reference / "longer"
+    shutil.copytree(reference / "single", out)
+    result = run(train_cmd(reference, out, extra=["--save-every", "2", "--steps", str(STEPS + 2)]), reference)
+    assert f"at step {STEPS}; the schedule now ends at step {STEPS + 2}, not {STEPS}: lr at step {STEPS + 1}" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 3))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))  # the old rows are kept
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000006", "step_00000008"]
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "flipped bytes", "truncated trainer state"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference, damage):
+    out = reference / f"damaged_{damage.replace(' ', '_')}"
+    shutil.copytree(reference / "single", out)
+    newest = out / "checkpoints" / "step_00000006"
+    shard, state = newest / "__0_0.distcp", newest / "trainer_state.json"
+    if damage == "truncated shard":
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    elif damage == "flipped bytes":  # 1 KB in the middle: it would load, and surface later as NaN
+        with open(shard, "r+b") as f:
+            f.seek(os.path.getsize(shard) // 2)
+            chunk = f.read(1024)
+            f.seek(-1024, os.SEEK_CUR)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    else:
+        os.truncate(state, os.path.getsize(state) // 2)
+    # picking it explicitly is refused with what is wrong
+    result = launch(train_cmd(reference, out, extra=["--resume", str(newest)]), reference)
+    assert result.returncode == 2 and f"error: checkpoint {newest} is damaged: " in result.stderr, result.stderr
+    assert ("trainer_state.json is unreadable" if "state" in damage else "__0_0.distcp is [") in result.stderr
+    result = run(train_cmd(reference, out, extra=["--save-every", "2"]), reference)
+    assert f"warning: skipping checkpoint {newest}, which is damaged" in result.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step_00000004'} at step 4" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_resume_from_an_older_checkpoint_replaces_the_newer_ones(reference):
+    out = reference / "older"
+    shutil.copytree(reference / "single", out)
+    older = out / "checkpoints" / "step_00000004"
+    result = run(train_cmd(reference, out, extra=["--resume", str(older), "--save-every", "1"]), reference)
+    assert f"resumed from {older} at step 4" in result.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000005", "step_00000006"]
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_sigterm_to_torchrun_saves_and_the_same_command_continues(reference):
+    """torchrun forwards SIGTERM to its workers; they agree to stop after the same step, save, and say so."""
+    out = reference / "preempted"
+    cmd = train_cmd(reference, out, nproc=2, extra=["--cp", "2"])
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, stdout[-2000:] + stderr[-2000:]
+    step = int(stopped[0].split()[5])
+    assert step < STEPS and f"checkpoint saved in {out}; run the same command to continue" in stopped[0]
+    assert os.listdir(out / "checkpoints") == [f"step_{step:08d}"]
+    result = run(cmd, reference)
+    assert f"at step {step}" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_sigusr1_stops_one_process_cleanly(reference):
+    out = reference / "usr1"
+    proc = subprocess.Popen(train_cmd(reference, out), cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_steps(out, proc, 1)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "stopped by SIGUSR1 after step " in stdout, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+def test_a_second_launch_on_one_out_is_refused_and_a_dead_holder_leaves_no_lock(reference):
+    out = reference / "locked"
+    first = subprocess.Popen(train_cmd(reference, out, extra=["--steps", "200"]), cwd=reference,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_steps(out, first, 1)
+        result = launch(train_cmd(reference, out, extra=["--steps", "200"]), reference)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"error: {out} is in use by another launch (host " in result.stderr
+        assert f", pid {first.pid}, since " in result.stderr and "wait for it to end, or use another --out" in result.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    (out / "checkpoints" / "step_00000003.tmp").mkdir(parents=True)  # the save SIGKILL cut short
+    result = run(train_cmd(reference, out, extra=["--steps", "2"]), reference)  # the lock died with its holder
+    assert f"removing {out / 'checkpoints' / 'step_00000003.tmp'}: a save that a dead launch left unfinished" in result.stdout
+    assert os.listdir(out / "checkpoints") == ["step_00000002"]
+
+
+def test_a_full_disk_is_a_sentence_and_the_previous_checkpoint_survives(reference):
+    """--out on a 50 MB filesystem (tmpfs in a user namespace): step 2's checkpoint (36 MB) fits, step 4's not."""
+    if shutil.which("unshare") is None or launch(["unshare", "-rm", "true"], reference, 60).returncode:
+        pytest.skip("no unprivileged mount namespace here to make a small filesystem in")
+    mnt = reference / "small_disk"
+    mnt.mkdir()
+    out = mnt / "out"
+    cmd = " ".join(f"'{a}'" for a in train_cmd(reference, out, extra=["--save-every", "2"]))
+    script = (f"mount -t tmpfs -o size=50m tmpfs '{mnt}' && {{ {cmd}; echo rc=$?; "
+              f"ls -a '{out}/checkpoints'; du -sb '{out}/checkpoints/step_00000002'; }}")
+    result = launch(["unshare", "-rm", "sh", "-c", script], reference)
+    assert "rc=2" in result.stdout and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"error: the disk holding {out} is full: step 4's checkpoint could not be written and was removed " \
+           "(the previous ones are intact); free space and run the same command" in result.stderr
+    listing = result.stdout.split("rc=2")[1].split()
+    assert "step_00000004.tmp" not in listing and "step_00000002" in listing
+
+
+def test_a_non_finite_loss_names_its_step(reference):
+    out = reference / "nan"
+    result = launch(train_cmd(reference, out, extra=["--lr", "1e12"]), reference)
+    assert result.returncode == 1
+    step = len(metric_steps(out)) + 1  # the rows of the finite steps were written
+    assert f") at step {step}; stopping without saving" in result.stdout + result.stderr
