@@ -10,7 +10,7 @@ cut to (batch_size, ctx // cp_size) for one data- and context-parallel rank.
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
-import array, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig, uuid
+import array, collections, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig
 
 import numpy as np
 import tokenizers, torch
@@ -199,18 +199,21 @@ def _expand_inputs(paths):  # files, directories (recursively, hidden names skip
     return files
 
 class _BadRecords:
-    """The one bad-record policy: raise, or with skip_bad count them and keep a few for the log."""
+    """The one bad-record policy: raise, or with skip_bad count them per file and keep a few for the log."""
     def __init__(self, skip_bad):
-        self.skip_bad, self.count, self.examples = skip_bad, 0, []
+        self.skip_bad, self.count, self.per_file, self.examples = skip_bad, 0, collections.Counter(), []
 
-    def __call__(self, message):
+    def __call__(self, file, message):  # returns None: the readers' "nothing here"
         if not self.skip_bad:
-            raise UserError(message + " (pass skip_bad=True to skip and count bad records)")
-        self.count += 1
+            raise UserError(message + " (pass --skip-bad to skip and count bad records)")
+        self.count, self.per_file[file] = self.count + 1, self.per_file[file] + 1
         self.examples = (self.examples + [message])[:BAD_EXAMPLES]
 
-    def quoted(self):
-        return "".join(f"\n  skipped: {example}" for example in self.examples)
+    def quoted(self):  # for the log: the count per file (ten files at most, most hit first), then examples
+        files = ", ".join(f"{file} {n}" for file, n in self.per_file.most_common(10))
+        more = f" and {len(self.per_file) - 10} more files" if len(self.per_file) > 10 else ""
+        return ((f"\n  skipped {self.count} bad records: {files}{more}" if self.count else "")
+                + "".join(f"\n  skipped: {example}" for example in self.examples))
 
 def read_jsonl(path, bad=None):
     """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
@@ -231,51 +234,81 @@ def read_jsonl(path, bad=None):
             elif bad is None:
                 raise UserError(f"{path} line {n}: {problem}")
             else:
-                bad(f"{path} line {n}: {problem}")
+                bad(path, f"{path} line {n}: {problem}")
+
+def _read_text(path, bad):  # a whole file's text, or None when it is binary or not UTF-8 (told to `bad`)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    nul = raw.find(b"\0")  # text never holds a NUL byte; images, archives and arrays of numbers do
+    if nul >= 0:
+        return bad(path, f"{path}: a binary file (NUL byte at byte {nul}), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
+
+RECORD_FILES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")  # read as records, other files as text
+
+def _records(path, bad):
+    """Yields (where, record) for each object of a JSONL file, or of a .json file's JSON array (what the
+    `datasets` library's to_json(lines=False) writes), `where` naming the file and its line or record (from 0)."""
+    if not path.endswith((".json", ".json.gz")):
+        yield from ((f"{path} line {n}", record) for n, record in read_jsonl(path, bad))
+        return
+    text = _read_text(path, bad)
+    try:
+        records = [] if text is None else json.loads(text)
+    except json.JSONDecodeError as e:
+        return bad(path, f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(records, list):
+        return bad(path, f"{path} does not hold a JSON array of records (a .json file holds one array, "
+                         "a .jsonl file one record a line)")
+    for k, record in enumerate(records):
+        if isinstance(record, dict):
+            yield f"{path} record {k}", record
+        else:
+            bad(path, f"{path} record {k}: the record is not a JSON object")
 
 def _documents(files, bad, builtin):
-    """Yields (text, domain) for each line of a JSONL file (domain: its `domain` or the file's name) or
+    """Yields (text, domain) for each record of a record file (domain: its `domain` or the file's name) or
     each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            for n, record in read_jsonl(path, bad):
+        if path.endswith(RECORD_FILES):
+            for where, record in _records(path, bad):
                 text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
                 if not isinstance(text, str):
-                    bad(f"{path} line {n}: the record has " + ("no 'text' field" if text is None else
-                                                               "a 'text' field that is not a string"))
+                    bad(path, f"{where}: the record has " + ("no 'text' field" if text is None else
+                                                             "a 'text' field that is not a string"))
                 elif not isinstance(domain, str):
-                    bad(f"{path} line {n}: the record's 'domain' is not a string")
+                    bad(path, f"{where}: the record's 'domain' is not a string")
+                elif re.search("[\ud800-\udfff]", text):  # JSON's "\\ud800" escapes decode to lone surrogates
+                    bad(path, f"{where}: 'text' holds an unpaired surrogate, which is not valid Unicode")
                 else:
-                    try:
-                        text.encode("utf-8")  # JSON's "\\ud800" escapes decode to unpaired surrogates
-                    except UnicodeEncodeError:
-                        bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
-                        continue
                     yield text, domain
-            continue
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
-            continue
-        parts = os.path.abspath(path).split(os.sep)
-        is_test = {"test", "tests"} & set(parts) or parts[-1].startswith("test_")
-        yield text, ("stdlib-tests" if is_test else "stdlib") if builtin else parts[-2]
+        elif (text := _read_text(path, bad)) is not None:
+            parts = os.path.abspath(path).split(os.sep)
+            is_test = {"test", "tests"} & set(parts) or parts[-1].startswith("test_")
+            yield text, ("stdlib-tests" if is_test else "stdlib") if builtin else parts[-2]
 
 # --- Stage 1: documents -> token file -------------------------------------------------------------
 class TokenFile:
     """A tokenized corpus on disk: one flat uint32 memmap plus a per-document index."""
     def __init__(self, path):
         self.path, self.tokens_path = path, os.path.join(path, "tokens.u32")
-        meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
-        self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
+        try:  # a file cut short (a full disk, a copy that died) names itself here, not as a numpy error later
+            meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
+            self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
+            self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
+            self.domains = np.load(os.path.join(path, "domains.npy"))  # (n_docs,) int32 into domain_names
+            size = os.path.getsize(self.tokens_path)
+        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            raise UserError(f"the token file {path} is damaged: {type(e).__name__}: {e}") from None
+        if size != 4 * self.n_tokens or self.lengths.sum() != self.n_tokens or len(self.domains) != len(self.lengths):
+            raise UserError(f"the token file {path} is damaged: tokens.u32 holds {size // 4} tokens, meta.json says "
+                            f"{self.n_tokens}, lengths.npy {self.lengths.sum()} in {len(self.lengths)} documents")
         self.tokens = np.memmap(self.tokens_path, dtype=np.uint32, mode="r", shape=(self.n_tokens,))
-        self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
         self.offsets = np.cumsum(self.lengths) - self.lengths  # (n_docs,) where each one starts
-        self.domains = np.load(os.path.join(path, "domains.npy"))  # (n_docs,) int32 into domain_names
         self.n_docs = len(self.lengths)
 
     def __reduce__(self):  # pickled (into a worker process) by path: a memmap would copy the file
@@ -289,8 +322,10 @@ class TokenFile:
 
 def write_token_file(out_dir, batches, stats=dict):
     """Writes batches of (flat uint32 ids, lengths, domain names) and meta.json (with stats(), asked once
-    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent."""
-    tmp_dir, lengths, domains, names = f"{out_dir}.tmp-{uuid.uuid4().hex}", array.array("q"), array.array("i"), {}
+    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent.
+    The temporary one is named after its owner, <out_dir>.tmp-<host>-<pid>-<random>, for _remove_dead_builds."""
+    tmp_dir = f"{out_dir}.tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+    lengths, domains, names = array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
     try:
         with open(os.path.join(tmp_dir, "tokens.u32"), "wb") as f:
@@ -313,6 +348,22 @@ def write_token_file(out_dir, batches, stats=dict):
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return TokenFile(out_dir)
 
+def _remove_dead_builds(cache_dir, log):
+    """Removes the temporary directories that builds on this host left when killed (SIGKILL, out of memory):
+    their pid no longer runs. Another host's, or a live process's (another run still tokenizing), stay."""
+    for tmp_dir in glob.glob(os.path.join(glob.escape(cache_dir), "*.tmp-*")):
+        owner = re.fullmatch(r"(.+)-(\d+)-[0-9a-f]+", tmp_dir.rsplit(".tmp-", 1)[1])
+        if not owner or owner[1] != os.uname().nodename:
+            continue
+        try:
+            os.kill(int(owner[2]), 0)  # signal 0 delivers nothing: it only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if log:
+                log(f"removed {tmp_dir}: process {owner[2]} of this host died while writing it")
+        except PermissionError:  # another user's process: alive
+            pass
+
 def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file's batches, memory bounded
     batch, chars = [], 0
     for text, domain in documents:
@@ -326,21 +377,30 @@ def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run (the
-    key covers the files' paths, sizes and mtimes and the tokenizer). paths: files, directories and
-    globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
+    key covers the files' paths, sizes and mtimes and the tokenizer; a damaged one is rebuilt). paths:
+    files, directories and globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files
+    are skipped."""
     builtin = paths is None
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     key = hashlib.sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]).encode("utf-8")).hexdigest()
     out_dir = os.path.join(cache_dir, "tokens-" + key[:20])
-    if os.path.isfile(os.path.join(out_dir, "meta.json")):
-        if log:
-            log(f"reusing {TokenFile(out_dir)}")
-        return TokenFile(out_dir)
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_dead_builds(cache_dir, log)
+    if os.path.isdir(out_dir):
+        try:
+            token_file = TokenFile(out_dir)
+            if log:
+                log(f"reusing {token_file}")
+            return token_file
+        except UserError as e:
+            if log:
+                log(f"{e}; removing it and tokenizing again")
+            shutil.rmtree(out_dir, ignore_errors=True)
     bad = _BadRecords(skip_bad or builtin)
     token_file = write_token_file(out_dir, _encode_batches(_documents(files, bad, builtin), tok), lambda: {
-        "files": len(files), "bad_skipped": bad.count, "bad_examples": bad.examples})
+        "files": len(files), "bad_skipped": bad.count, "bad_per_file": dict(bad.per_file),
+        "bad_examples": bad.examples})
     if log:
         log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records and "
             f"{token_file.stats['empty_documents']} empty documents" + bad.quoted())
@@ -523,15 +583,15 @@ class ChatDataset:
             if not (weight >= 0 and math.isfinite(weight)):
                 raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
             if isinstance(source, str):
-                records = ((f"{p} line {n}", r) for p in _expand_inputs(source) for n, r in read_jsonl(p, bad))
+                records = ((p, where, r) for p in _expand_inputs(source) for where, r in _records(p, bad))
             else:
-                records = ((f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
-            for where, record in records:
+                records = ((f"source {s}", f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
+            for file, where, record in records:
                 try:
                     pieces.append(_record_pieces(tok, record))
                     source_of.append(s)
                 except UserError as e:
-                    bad(f"{where}: {e}")
+                    bad(file, f"{where}: {e}")
         encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
         lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
         too_long = lengths > max_len

@@ -319,6 +319,107 @@ def test_bad_input_skip_counts(tok, tmp_path):
     assert any("skipped 2 bad records and 1 empty documents" in line for line in logs)
 
 
+def test_skipped_bad_records_are_counted_per_file(tok, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "good"}, {"nope": 1}, {"text": 5}, {"text": "fine"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "good"}, {"body": "x"}])
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(UserError, match=r"a\.jsonl line 2: .*\(pass --skip-bad to skip and count bad records\)"):
+        data.build_token_file(paths, tok, str(tmp_path / "cache"), log=None)
+    logs = []
+    tf = data.build_token_file(paths, tok, str(tmp_path / "cache"), skip_bad=True, log=logs.append)
+    assert tf.n_docs == 3 and tf.stats["bad_per_file"] == {paths[0]: 2, paths[1]: 1}
+    assert f"skipped 3 bad records: {paths[0]} 2, {paths[1]} 1\n" in logs[-1]
+
+
+def test_binary_files_are_bad_records(tok, tmp_path):
+    (tmp_path / "x.bin").write_bytes(bytes(4096))  # 4 KB of zeros: valid UTF-8, but not text
+    (tmp_path / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8) + b"IHDR")
+    (tmp_path / "ok.txt").write_text("text\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"x\.bin: a binary file \(NUL byte at byte 0\), not text"):
+        data.build_token_file([str(tmp_path / "x.bin")], tok, str(tmp_path / "cache"), log=None)
+    with pytest.raises(UserError, match=r"y\.png: a binary file \(NUL byte at byte 8\), not text"):
+        data.build_token_file([str(tmp_path / "y.png")], tok, str(tmp_path / "cache"), log=None)
+    tf = data.build_token_file([str(tmp_path)], tok, str(tmp_path / "cache"), skip_bad=True, log=None)
+    assert tf.n_docs == 1 and tf.doc(0).tolist() == tok.encode("text\n") and tf.stats["bad_skipped"] == 2
+
+
+def test_json_array_files_are_records(tok, tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two", "domain": "d"}], indent=2), encoding="utf-8")
+    tf = data.build_token_file([str(path)], tok, str(tmp_path / "cache"), log=None)
+    assert [tf.doc(k).tolist() for k in range(2)] == [tok.encode("one"), tok.encode("two")]
+    assert [tf.domain_names[d] for d in tf.domains] == ["export", "d"]
+    cases = [
+        ('[{"text": "a"}, 5]', r"bad\.json record 1: the record is not a JSON object"),
+        ('[{"text": "a"}, {"text": 3}]', r"bad\.json record 1: the record has a 'text' field that is not a string"),
+        ('[{"text": "a"},\n {"text": ', r"bad\.json line 2: malformed JSON"),
+        ('{"text": "a"}', r"bad\.json does not hold a JSON array of records"),
+        ('"a"', r"bad\.json does not hold a JSON array of records"),
+    ]
+    for content, message in cases:
+        (tmp_path / "bad.json").write_text(content, encoding="utf-8")
+        with pytest.raises(UserError, match=message):
+            data.build_token_file([str(tmp_path / "bad.json")], tok, str(tmp_path / "cache"), log=None)
+    # stage 2 reads the same arrays: conversations, a bad one named by its record
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.json").write_text(json.dumps([good, good, {"messages": []}]), encoding="utf-8")
+    with pytest.raises(UserError, match=r"chat\.json record 2: 'messages' is not a non-empty list"):
+        data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, log=None)
+    ds = data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, skip_bad=True, log=None)
+    assert ds.stats["conversations"] == 2 and ds.stats["bad_skipped"] == 1
+    assert ds[0]["tokens"][: len(data.format_chat(tok, good["messages"])[0])].tolist() == \
+        data.format_chat(tok, good["messages"])[0]
+
+
+@pytest.mark.parametrize("damage", ["tokens", "meta", "lengths", "domains", "missing"])
+def test_damaged_token_cache_is_named_removed_and_rebuilt(tok, tmp_path, damage):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one two"}, {"text": "three"}])
+    first = data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(tmp_path / "cache"), log=None)
+    name = {"tokens": "tokens.u32", "meta": "meta.json", "lengths": "lengths.npy", "domains": "domains.npy",
+            "missing": "lengths.npy"}[damage]
+    target = os.path.join(first.path, name)
+    if damage == "missing":
+        os.remove(target)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) - 3)  # cut short, as by a full disk or a copy that died
+    with pytest.raises(UserError, match=f"the token file {first.path} is damaged"):
+        data.TokenFile(first.path)
+    logs = []
+    again = data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(tmp_path / "cache"), log=logs.append)
+    assert logs[0].startswith(f"the token file {first.path} is damaged") and "tokenizing again" in logs[0]
+    assert logs[1].startswith("tokenized") and again.path == first.path
+    assert [again.doc(k).tolist() for k in range(2)] == [tok.encode("one two"), tok.encode("three")]
+
+
+def test_dead_builds_are_removed_live_ones_kept(tok, tmp_path):
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    seen = []
+
+    def batches():  # looks at the cache while the token file is being written
+        seen.extend(os.listdir(cache))
+        yield np.array([1, 2], dtype=np.uint32), [2], ["d"]
+
+    cache.mkdir()
+    data.write_token_file(str(cache / "tf"), batches())
+    host = os.uname().nodename
+    assert len(seen) == 1 and seen[0].startswith(f"tf.tmp-{host}-{os.getpid()}-")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale = cache / f"tokens-0123.tmp-{host}-{dead.pid}-0badc0de"
+    live = cache / f"tokens-4567.tmp-{host}-{os.getpid()}-12345678"  # another build of this very process
+    elsewhere = cache / f"tokens-89ab.tmp-other-{host}-{dead.pid}-12345678"  # another host's: its pids are not ours
+    for d in (stale, live, elsewhere):
+        (d / "x").mkdir(parents=True)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}])
+    logs = []
+    data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(cache), log=logs.append)
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert logs[0] == f"removed {stale}: process {dead.pid} of this host died while writing it"
+
+
 def test_empty_corpus_and_missing_input(tok, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(UserError, match="corpus is empty"):
