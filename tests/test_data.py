@@ -2,6 +2,7 @@
 bad input named by file and line. Randomized checks loop over fixed seeds (no hypothesis)."""
 
 import gzip
+import itertools
 import json
 import os
 import random
@@ -452,27 +453,33 @@ def test_builtin_corpus(tok, tmp_path):
 # length-based sampling
 # ----------------------------------------------------------------------------------------------
 
-def test_sampling_hits_budget_within_one_document(tmp_path):
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Length thresholds for documents of hundreds of tokens, and stronger rates."""
+    for name, value in [("SHORT_DOC", 256), ("LONG_DOC", 1024), ("DOWN_RATE", 0.25), ("UP_RATE", 4.0)]:
+        monkeypatch.setattr(data, name, value)
+
+
+def test_sampling_hits_budget_within_one_document(tmp_path, small_thresholds):
     rng = np.random.default_rng(4)
     lengths = rng.integers(1, 3000, size=400)
     domains = [["a", "b", "c"][i % 3] for i in range(400)]
     tf = make_token_file(tmp_path, lengths, domains)
     for trial in range(30):
         budget = int(rng.integers(1, 3 * lengths.sum()))
-        order = data.sample_by_length(tf, budget, seed=trial, short=256, long=1024, log=None)
+        order = data.sample_by_length(tf, budget, seed=trial, log=None)
         total = tf.lengths[order].sum()
         assert budget <= total < budget + tf.lengths[order[-1]]
         assert order.dtype == np.int64 and order.min() >= 0 and order.max() < tf.n_docs
 
 
-def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path):
+def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path, small_thresholds):
     rng = np.random.default_rng(5)
     lengths = np.concatenate([rng.integers(10, 256, 600), rng.integers(256, 1024, 300), rng.integers(1025, 4000, 100)])
     domains = ["x" if i % 4 else "y" for i in range(len(lengths))]
     tf = make_token_file(tmp_path, lengths, domains)
     logs = []
-    order = data.sample_by_length(tf, int(lengths.sum()), seed=0, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=logs.append)
+    order = data.sample_by_length(tf, int(lengths.sum()), seed=0, log=logs.append)
     sampled = tf.lengths[order]
     long_before = lengths[lengths > 1024].sum() / lengths.sum()
     long_after = sampled[sampled > 1024].sum() / sampled.sum()
@@ -484,21 +491,18 @@ def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path):
     assert abs(y_after - y_before) < 0.05
     assert "length-based sampling" in logs[0] and "before" in logs[0] and "after" in logs[0]
     # deterministic given the seed
-    again = data.sample_by_length(tf, int(lengths.sum()), seed=0, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=None)
-    other = data.sample_by_length(tf, int(lengths.sum()), seed=1, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=None)
+    again = data.sample_by_length(tf, int(lengths.sum()), seed=0, log=None)
+    other = data.sample_by_length(tf, int(lengths.sum()), seed=1, log=None)
     assert (order == again).all() and not np.array_equal(order, other)
 
 
-def test_sampling_rejects_bad_settings(tmp_path):
+def test_sampling_rejects_bad_settings(tmp_path, monkeypatch):
     tf = make_token_file(tmp_path, [10, 20])
     with pytest.raises(UserError, match="budget must be positive"):
         data.sample_by_length(tf, 0, seed=0, log=None)
-    with pytest.raises(UserError, match="short <= long"):
-        data.sample_by_length(tf, 10, seed=0, short=10, long=5, log=None)
+    monkeypatch.setattr(data, "DOWN_RATE", 0)  # an edited constant that leaves nothing to sample
     with pytest.raises(UserError, match="rate 0"):
-        data.sample_by_length(tf, 10, seed=0, down_rate=0, log=None)
+        data.sample_by_length(tf, 10, seed=0, log=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,7 +526,7 @@ def test_packing_reproduces_the_stream(tmp_path):
         order = rng.integers(0, len(lengths), size=int(rng.integers(1, 60)))  # repeats allowed
         sep = [int(s) for s in rng.integers(500, 512, size=int(rng.integers(0, 4)))]
         ctx = int(rng.integers(len(sep) + 1, 200))
-        ds = data.PackedDataset(tf, order, ctx, sep, pad_id=7)
+        ds = data.PackedDataset(tf, order, ctx, sep)
         stream = np.concatenate([np.concatenate([tf.doc(d), sep]) for d in order]).astype(np.int64)
         items = [ds[i] for i in range(len(ds))]
         tokens = torch.cat([x["tokens"] for x in items]).numpy()
@@ -531,7 +535,7 @@ def test_packing_reproduces_the_stream(tmp_path):
         n = len(stream)
         assert len(ds) == -(-(n - 1) // ctx)
         # the stream's last token is an input only when a padded last sequence holds it
-        assert (tokens[:n - 1] == stream[:-1]).all() and (tokens[n:] == 7).all()
+        assert (tokens[:n - 1] == stream[:-1]).all() and (tokens[n:] == 0).all()
         assert len(tokens) == n - 1 or tokens[n - 1] == stream[-1]
         assert (labels[:n - 1] == stream[1:]).all() and (labels[n - 1:] == -100).all()
         # doc ids: every document's tokens and its separator carry its place in the order
@@ -559,12 +563,11 @@ def test_packing_reproduces_the_stream(tmp_path):
             assert (part[key] == items[i][key][a:b]).all()
 
 
-def test_packing_drop_last_and_doc_mask_positions(tmp_path):
+def test_packing_doc_mask_positions(tmp_path):
     tf = make_token_file(tmp_path, [5, 12, 3])
     ds = data.PackedDataset(tf, [0, 1, 2], ctx=8, sep_ids=[511], doc_mask=True)
     # stream: doc0 (5) + sep, doc1 (12) + sep, doc2 (3) + sep = 23 tokens -> 2 full sequences + 1
     assert len(ds) == 3
-    assert data.PackedDataset(tf, [0, 1, 2], ctx=8, sep_ids=[511], drop_last=True).__len__() == 2
     pos = torch.cat([ds[i]["positions"] for i in range(3)]).tolist()
     # each document restarts at 0 and so does each sequence (doc1 continues into sequence 1)
     assert pos[:8] == [0, 1, 2, 3, 4, 5, 0, 1]
@@ -607,16 +610,15 @@ def packed(tmp_path, n_tokens=3000, ctx=24, seed=0):
 
 def test_loader_ranks_are_distinct_and_cover_everything(tmp_path):
     ds = packed(tmp_path)
-    for dp_size, batch_size, drop_last in [(1, 4, False), (2, 3, False), (3, 2, True), (4, 5, False)]:
+    for dp_size, batch_size in [(1, 4), (2, 3), (3, 2), (4, 5)]:
         seen = []
         steps = None
         for rank in range(dp_size):
-            loader = data.Loader(ds, batch_size, dp_rank=rank, dp_size=dp_size, seed=1,
-                                 drop_last=drop_last, epochs=1)
+            loader = data.Loader(ds, batch_size, dp_rank=rank, dp_size=dp_size, seed=1)
             order = loader.epoch_order(0)
             first = [s * batch_size * dp_size + rank * batch_size for s in range(loader.steps_per_epoch)]
             indices = [order[f : f + batch_size] for f in first]
-            batches = list(loader)
+            batches = list(itertools.islice(loader, loader.steps_per_epoch))  # one epoch
             steps = steps or len(batches)
             assert len(batches) == steps  # every rank takes the same number of steps
             for idx, batch in zip(indices, batches):
@@ -624,12 +626,9 @@ def test_loader_ranks_are_distinct_and_cover_everything(tmp_path):
                 assert (batch["tokens"] == torch.stack([ds[int(i)]["tokens"] for i in idx])).all()
             seen.append(np.concatenate(indices))
         everything = np.concatenate(seen)
-        if drop_last:
-            assert len(set(everything.tolist())) == len(everything)  # all distinct
-        else:
-            assert set(everything.tolist()) == set(range(len(ds)))  # together they see it all
-            # only the wrap-around fill of the last step repeats anything
-            assert len(everything) - len(set(everything.tolist())) < batch_size * dp_size
+        assert set(everything.tolist()) == set(range(len(ds)))  # together they see it all
+        # only the wrap-around fill of the last step repeats anything
+        assert len(everything) - len(set(everything.tolist())) < batch_size * dp_size
 
 
 def test_loader_context_parallel_shards(tmp_path):
@@ -665,8 +664,8 @@ def test_loader_deterministic_reshuffles_and_resumes(tmp_path):
             assert all((expected[k] == got[k]).all() for k in expected)
     with pytest.raises(UserError, match="cannot resume"):
         data.Loader(ds, 4, dp_rank=1, dp_size=2, seed=8).load_state_dict(state)
-    unshuffled = data.Loader(ds, 1, shuffle=False, epochs=1)
-    assert [int(b["tokens"][0, 0]) for b in unshuffled] == [int(ds[i]["tokens"][0]) for i in range(len(ds))]
+    # a checkpoint of the older loader, which had shuffle and drop_last knobs, resumes
+    data.Loader(ds, 4, dp_rank=1, dp_size=2, seed=7).load_state_dict({**state, "shuffle": True, "drop_last": False})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,7 +711,7 @@ def test_chat_dataset_weights_truncation_and_doc_mask(tok, tmp_path):
     # no assistant token survives truncation before the reply: counted as skipped
     with pytest.raises(UserError, match="no usable conversations"):
         data.ChatDataset([(long, 1.0)], tok, max_len=full - 51, log=None)
-    skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 10, truncate=False, log=None)
+    skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 51, log=None)
     assert skipped.stats["too_long_skipped"] == 1 and skipped.stats["blended"] == 1
     masked = data.ChatDataset([(short, 1.0)], tok, max_len=512, doc_mask=True, log=None)
     row = masked[0]
