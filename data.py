@@ -61,8 +61,7 @@ class Tokenizer:
         self.chat_template = config.get("chat_template")
         text = backend.to_str()  # the whole tokenizer.json
         self.identity = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        # The built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library there makes the CPU demo
-        # and the tests ~100x faster (tests check it is identical).
+        # the built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library is ~100x faster (tests compare)
         self._bytes_are_ids = text == _BUILTIN_JSON
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
@@ -246,8 +245,6 @@ def _read_text(path, bad):  # a whole file's text, or None when it is binary or 
         line = raw[: e.start].count(b"\n") + 1
         return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
 
-RECORD_FILES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")  # read as records, other files as text
-
 def _records(path, bad):
     """(where, record) for each object of a JSONL file, or of a .json file's JSON array (what the `datasets`
     library's to_json(lines=False) writes), `where` naming the file and its line or record (from 0)."""
@@ -266,7 +263,7 @@ def _documents(files, bad, builtin):
     """Yields (text, domain) for each record of a record file (domain: its `domain` or the file's name) or
     each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
-        if path.endswith(RECORD_FILES):
+        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")):  # records; others are text
             for where, record in _records(path, bad):
                 text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
                 if not isinstance(text, str):
@@ -288,17 +285,16 @@ class TokenFile:
     """A tokenized corpus on disk: one flat uint32 memmap plus a per-document index."""
     def __init__(self, path):
         self.path, self.tokens_path = path, os.path.join(path, "tokens.u32")
-        try:  # a file cut short (a full disk, a copy that died) names itself here, not as a numpy error later
+        try:  # a file cut short (a full disk, a copy that died) is named here, not by numpy later
             meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
             self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
             self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
             self.domains = np.load(os.path.join(path, "domains.npy"))  # (n_docs,) int32 into domain_names
-            size = os.path.getsize(self.tokens_path)
+            size, total = os.path.getsize(self.tokens_path), int(self.lengths.sum())
+            if size != 4 * self.n_tokens or total != self.n_tokens or len(self.domains) != len(self.lengths):
+                raise ValueError(f"tokens.u32 has {size} bytes, lengths.npy {total} tokens, meta.json {self.n_tokens}")
         except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
-            raise UserError(f"the token file {path} is damaged: {type(e).__name__}: {e}") from None
-        if size != 4 * self.n_tokens or self.lengths.sum() != self.n_tokens or len(self.domains) != len(self.lengths):
-            raise UserError(f"the token file {path} is damaged: tokens.u32 holds {size // 4} tokens, meta.json says "
-                            f"{self.n_tokens}, lengths.npy {self.lengths.sum()} in {len(self.lengths)} documents")
+            raise UserError(f"the token file {path} is damaged ({type(e).__name__}: {e})") from None
         self.tokens = np.memmap(self.tokens_path, dtype=np.uint32, mode="r", shape=(self.n_tokens,))
         self.offsets, self.n_docs = np.cumsum(self.lengths) - self.lengths, len(self.lengths)  # (n_docs,) starts
 
@@ -313,9 +309,8 @@ class TokenFile:
 
 def write_token_file(out_dir, batches, stats=dict):
     """Writes batches of (flat uint32 ids, lengths, domain names) and meta.json (with stats(), asked once
-    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent.
-    The temporary one is named after its owner, <out_dir>.tmp-<host>-<pid>-<random>, for _remove_dead_builds."""
-    tmp_dir = f"{out_dir}.tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent."""
+    tmp_dir = f"{out_dir}.tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"  # its owner: see below
     lengths, domains, names = array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
     try:
@@ -399,8 +394,7 @@ def sample_by_length(token_file, budget_tokens, seed, log=print):
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
     lengths, domains, n_domains = token_file.lengths, token_file.domains, len(token_file.domain_names)
-    short, long = SHORT_DOC, LONG_DOC
-    rate = np.where(lengths < short, DOWN_RATE, np.where(lengths > long, UP_RATE, 1.0))
+    rate = np.where(lengths < SHORT_DOC, DOWN_RATE, np.where(lengths > LONG_DOC, UP_RATE, 1.0))
     domain_tokens = np.bincount(domains, weights=lengths, minlength=n_domains)
     can_sample = np.bincount(domains, weights=rate * lengths, minlength=n_domains) > 0
     if not can_sample.any():
@@ -423,10 +417,11 @@ def sample_by_length(token_file, budget_tokens, seed, log=print):
     order = order[: np.searchsorted(np.cumsum(lengths[order]), budget_tokens) + 1]
     if log:  # what the sampling did: documents and token shares by length, before and after
         def by_length(x):
-            bins = [x < short, (x >= short) & (x <= long), x > long]
+            bins = [x < SHORT_DOC, (x >= SHORT_DOC) & (x <= LONG_DOC), x > LONG_DOC]
             return " / ".join(f"{b.sum()} ({x[b].sum() / x.sum():.0%})" for b in bins)
-        log(f"length-based sampling to {budget_tokens:,} tokens, documents (token share) below {short} / "
-            f"{short}-{long} / above {long} tokens: before {by_length(lengths)}, after {by_length(lengths[order])}")
+        log(f"length-based sampling to {budget_tokens:,} tokens, documents (token share) below {SHORT_DOC} / "
+            f"{SHORT_DOC}-{LONG_DOC} / above {LONG_DOC} tokens: before {by_length(lengths)}, "
+            f"after {by_length(lengths[order])}")
     return order
 
 # --- Stage 1: packing with separators -------------------------------------------------------------
@@ -490,9 +485,8 @@ class PackedDataset:
                 take = min(int(self.doc_starts[k + 1]), first + have) - at
                 body = max(0, min(body_end - at, take))
                 # os.preadv, unlike reading through the memmap, maps nothing: resident memory does not grow
-                in_file = int(self.doc_offsets[k] + at - self.doc_starts[k])
-                if os.preadv(f.fileno(), [raw[filled : filled + body]], 4 * in_file) != 4 * body:
-                    raise UserError(f"the token file {f.name} ended before token {in_file + body}")
+                in_file = int(self.doc_offsets[k] + at - self.doc_starts[k])  # whole: TokenFile checked its size
+                os.preadv(f.fileno(), [raw[filled : filled + body]], 4 * in_file)
                 sep_at = max(0, at - body_end)
                 raw[filled + body : filled + take] = self.sep[sep_at : sep_at + take - body]
                 end = min(filled + take, n)  # raw[n] is a label only
@@ -552,7 +546,7 @@ def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not 
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
 class ChatDataset:
-    """sources: [(a JSONL path or glob, or a list of records; weight)]. The records (see _record_pieces),
+    """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
     formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
     of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
     truncated (skipped if no assistant token is left); a bad record raises UserError, or with skip_bad is
@@ -627,8 +621,9 @@ class Loader:
     """Batches for one (data-parallel, context-parallel) rank, epoch after epoch, deterministic given the seed.
     Every step takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by seed and
     epoch); data-parallel rank r gets the r-th run of batch_size, each sequence cut to (and reading only) the
-    context-parallel rank's zigzag chunks. An epoch's last step is filled with its first sequences: every
-    rank takes the same number of steps. state_dict() after a batch resumes at the next one."""
+    context-parallel rank's zigzag chunks. An epoch's last step is filled with its first sequences: every rank
+    takes the same number of steps, together they see every sequence. state_dict() after a batch resumes at
+    the next one."""
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0):
         if dataset.ctx % (2 * cp_size):
             raise UserError(f"sequence length {dataset.ctx} must be divisible by 2 x cp = {2 * cp_size}")
