@@ -10,7 +10,7 @@ cut to (batch_size, ctx // cp_size) for one data- and context-parallel rank.
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
-import array, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig, uuid
+import array, collections, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig
 
 import numpy as np
 import tokenizers, torch
@@ -61,8 +61,7 @@ class Tokenizer:
         self.chat_template = config.get("chat_template")
         text = backend.to_str()  # the whole tokenizer.json
         self.identity = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        # The built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library there makes the CPU demo
-        # and the tests ~100x faster (tests check it is identical).
+        # the built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library is ~100x faster (tests compare)
         self._bytes_are_ids = text == _BUILTIN_JSON
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
@@ -199,18 +198,20 @@ def _expand_inputs(paths):  # files, directories (recursively, hidden names skip
     return files
 
 class _BadRecords:
-    """The one bad-record policy: raise, or with skip_bad count them and keep a few for the log."""
+    """The one bad-record policy: raise, or with skip_bad count them per file and keep a few for the log."""
     def __init__(self, skip_bad):
-        self.skip_bad, self.count, self.examples = skip_bad, 0, []
+        self.skip_bad, self.count, self.per_file, self.examples = skip_bad, 0, collections.Counter(), []
 
-    def __call__(self, message):
+    def __call__(self, file, message):  # returns None: the readers' "nothing here"
         if not self.skip_bad:
-            raise UserError(message + " (pass skip_bad=True to skip and count bad records)")
-        self.count += 1
+            raise UserError(message + " (pass --skip-bad to skip and count bad records)")
+        self.count, self.per_file[file] = self.count + 1, self.per_file[file] + 1
         self.examples = (self.examples + [message])[:BAD_EXAMPLES]
 
-    def quoted(self):
-        return "".join(f"\n  skipped: {example}" for example in self.examples)
+    def quoted(self):  # for the log: the count per file (the ten most hit), then a few examples
+        files = ", ".join(f"{file} {n}" for file, n in self.per_file.most_common(10))
+        head = f"\n  skipped {self.count} bad records: {files}" if self.count else ""
+        return head + "".join(f"\n  skipped: {example}" for example in self.examples)
 
 def read_jsonl(path, bad=None):
     """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
@@ -231,52 +232,71 @@ def read_jsonl(path, bad=None):
             elif bad is None:
                 raise UserError(f"{path} line {n}: {problem}")
             else:
-                bad(f"{path} line {n}: {problem}")
+                bad(path, f"{path} line {n}: {problem}")
+
+def _read_text(path, bad):  # a whole file's text, or None when it is binary or not UTF-8 (told to `bad`)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:  # text never holds a NUL byte; images, archives and arrays of numbers do
+        return bad(path, f"{path}: a binary file (NUL byte at byte {raw.index(0)}), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
+
+def _records(path, bad):
+    """(where, record) for each object of a JSONL file, or of a .json file's JSON array (what the `datasets`
+    library's to_json(lines=False) writes), `where` naming the file and its line or record (from 0)."""
+    if not path.endswith((".json", ".json.gz")):
+        return ((f"{path} line {n}", record) for n, record in read_jsonl(path, bad))
+    try:
+        records = json.loads(_read_text(path, bad) or "[]")  # bad() returns None: a skipped file holds nothing
+    except json.JSONDecodeError as e:
+        records = bad(path, f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") or []
+    if not isinstance(records, list):
+        records = bad(path, f"{path} does not hold a JSON array of records, one object each") or []
+    return [(f"{path} record {k}", r) for k, r in enumerate(records)
+            if isinstance(r, dict) or bad(path, f"{path} record {k}: the record is not a JSON object")]
 
 def _documents(files, bad, builtin):
-    """Yields (text, domain) for each line of a JSONL file (domain: its `domain` or the file's name) or
+    """Yields (text, domain) for each record of a record file (domain: its `domain` or the file's name) or
     each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            for n, record in read_jsonl(path, bad):
+        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")):  # records; others are text
+            for where, record in _records(path, bad):
                 text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
                 if not isinstance(text, str):
-                    bad(f"{path} line {n}: the record has " + ("no 'text' field" if text is None else
-                                                               "a 'text' field that is not a string"))
+                    bad(path, f"{where}: the record has " + ("no 'text' field" if text is None else
+                                                             "a 'text' field that is not a string"))
                 elif not isinstance(domain, str):
-                    bad(f"{path} line {n}: the record's 'domain' is not a string")
+                    bad(path, f"{where}: the record's 'domain' is not a string")
+                elif re.search("[\ud800-\udfff]", text):  # JSON's "\\ud800" escapes decode to lone surrogates
+                    bad(path, f"{where}: 'text' holds an unpaired surrogate, which is not valid Unicode")
                 else:
-                    try:
-                        text.encode("utf-8")  # JSON's "\\ud800" escapes decode to unpaired surrogates
-                    except UnicodeEncodeError:
-                        bad(f"{path} line {n}: 'text' holds an unpaired surrogate, which is not valid Unicode")
-                        continue
                     yield text, domain
-            continue
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            bad(f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
-            continue
-        parts = os.path.abspath(path).split(os.sep)
-        is_test = {"test", "tests"} & set(parts) or parts[-1].startswith("test_")
-        yield text, ("stdlib-tests" if is_test else "stdlib") if builtin else parts[-2]
+        elif (text := _read_text(path, bad)) is not None:
+            parts = os.path.abspath(path).split(os.sep)
+            is_test = {"test", "tests"} & set(parts) or parts[-1].startswith("test_")
+            yield text, ("stdlib-tests" if is_test else "stdlib") if builtin else parts[-2]
 
 # --- Stage 1: documents -> token file -------------------------------------------------------------
 class TokenFile:
     """A tokenized corpus on disk: one flat uint32 memmap plus a per-document index."""
     def __init__(self, path):
         self.path, self.tokens_path = path, os.path.join(path, "tokens.u32")
-        meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
-        self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
+        try:  # a file cut short (a full disk, a copy that died) is named here, not by numpy later
+            meta = json.loads(pathlib.Path(path, "meta.json").read_text(encoding="utf-8"))
+            self.n_tokens, self.domain_names, self.stats = meta["n_tokens"], meta["domain_names"], meta["stats"]
+            self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
+            self.domains = np.load(os.path.join(path, "domains.npy"))  # (n_docs,) int32 into domain_names
+            size, total = os.path.getsize(self.tokens_path), int(self.lengths.sum())
+            if size != 4 * self.n_tokens or total != self.n_tokens or len(self.domains) != len(self.lengths):
+                raise ValueError(f"tokens.u32 has {size} bytes, lengths.npy {total} tokens, meta.json {self.n_tokens}")
+        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            raise UserError(f"the token file {path} is damaged ({type(e).__name__}: {e})") from None
         self.tokens = np.memmap(self.tokens_path, dtype=np.uint32, mode="r", shape=(self.n_tokens,))
-        self.lengths = np.load(os.path.join(path, "lengths.npy"))  # (n_docs,) int64
-        self.offsets = np.cumsum(self.lengths) - self.lengths  # (n_docs,) where each one starts
-        self.domains = np.load(os.path.join(path, "domains.npy"))  # (n_docs,) int32 into domain_names
-        self.n_docs = len(self.lengths)
+        self.offsets, self.n_docs = np.cumsum(self.lengths) - self.lengths, len(self.lengths)  # (n_docs,) starts
 
     def __reduce__(self):  # pickled (into a worker process) by path: a memmap would copy the file
         return TokenFile, (self.path,)
@@ -290,7 +310,8 @@ class TokenFile:
 def write_token_file(out_dir, batches, stats=dict):
     """Writes batches of (flat uint32 ids, lengths, domain names) and meta.json (with stats(), asked once
     the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent."""
-    tmp_dir, lengths, domains, names = f"{out_dir}.tmp-{uuid.uuid4().hex}", array.array("q"), array.array("i"), {}
+    tmp_dir = f"{out_dir}.tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"  # its owner: see below
+    lengths, domains, names = array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
     try:
         with open(os.path.join(tmp_dir, "tokens.u32"), "wb") as f:
@@ -313,6 +334,19 @@ def write_token_file(out_dir, batches, stats=dict):
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return TokenFile(out_dir)
 
+def _remove_dead_builds(cache_dir, log):
+    """Removes the temporary directories of this host's builds that were killed (SIGKILL, out of memory):
+    their pid runs no more. Another host's, and a live process's (a run still tokenizing), stay."""
+    mine = re.compile(rf".+\.tmp-{re.escape(os.uname().nodename)}-(\d+)-[0-9a-f]+")  # see write_token_file
+    for owner in filter(None, map(mine.fullmatch, os.listdir(cache_dir))):
+        try:
+            os.kill(int(owner[1]), 0)  # signal 0 delivers nothing: it asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, owner[0]), ignore_errors=True)
+            log(f"removed {os.path.join(cache_dir, owner[0])}: process {owner[1]} of this host died while writing it")
+        except PermissionError:  # it exists: another user's
+            pass
+
 def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file's batches, memory bounded
     batch, chars = [], 0
     for text, domain in documents:
@@ -325,40 +359,42 @@ def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file
         yield *tok.encode_flat([t for t, _ in batch]), [d for _, d in batch]
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
-    """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run (the
-    key covers the files' paths, sizes and mtimes and the tokenizer). paths: files, directories and
-    globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
-    builtin = paths is None
+    """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run (the key covers
+    the files' paths, sizes and mtimes and the tokenizer; a damaged one is rebuilt). paths: files, directories
+    and globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
+    builtin, log = paths is None, log or (lambda message: None)
     files = builtin_corpus_files() if builtin else _expand_inputs(paths)
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     key = hashlib.sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]).encode("utf-8")).hexdigest()
     out_dir = os.path.join(cache_dir, "tokens-" + key[:20])
-    if os.path.isfile(os.path.join(out_dir, "meta.json")):
-        if log:
-            log(f"reusing {TokenFile(out_dir)}")
-        return TokenFile(out_dir)
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_dead_builds(cache_dir, log)
+    if os.path.isdir(out_dir):
+        try:
+            token_file = TokenFile(out_dir)
+            log(f"reusing {token_file}")
+            return token_file
+        except UserError as e:
+            log(f"{e}; removing it and tokenizing again")
+            shutil.rmtree(out_dir, ignore_errors=True)
     bad = _BadRecords(skip_bad or builtin)
     token_file = write_token_file(out_dir, _encode_batches(_documents(files, bad, builtin), tok), lambda: {
-        "files": len(files), "bad_skipped": bad.count, "bad_examples": bad.examples})
-    if log:
-        log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records and "
-            f"{token_file.stats['empty_documents']} empty documents" + bad.quoted())
+        "files": len(files), "bad_skipped": bad.count, "bad_per_file": dict(bad.per_file),
+        "bad_examples": bad.examples})
+    log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records and "
+        f"{token_file.stats['empty_documents']} empty documents" + bad.quoted())
     return token_file
 
 # --- Stage 1: length-based sampling ---------------------------------------------------------------
-def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG_DOC,
-                     down_rate=DOWN_RATE, up_rate=UP_RATE, log=print):
+def sample_by_length(token_file, budget_tokens, seed, log=print):
     """Document indices (int64, in order) sampled by length up to `budget_tokens`: a document's expected
-    copies are proportional to its rate, `down_rate` below `short` tokens, `up_rate` above `long`, else 1.
+    copies are proportional to its rate, DOWN_RATE below SHORT_DOC tokens, UP_RATE above LONG_DOC, else 1.
     Each domain's copies are drawn (seeded) and cut at its share of the corpus's tokens; the domains are
     then shuffled together and cut at the budget (the total exceeds it by less than one document)."""
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
-    if not 0 < short <= long:
-        raise UserError(f"the length thresholds must satisfy 0 < short <= long, not short={short}, long={long}")
     lengths, domains, n_domains = token_file.lengths, token_file.domains, len(token_file.domain_names)
-    rate = np.where(lengths < short, down_rate, np.where(lengths > long, up_rate, 1.0))
+    rate = np.where(lengths < SHORT_DOC, DOWN_RATE, np.where(lengths > LONG_DOC, UP_RATE, 1.0))
     domain_tokens = np.bincount(domains, weights=lengths, minlength=n_domains)
     can_sample = np.bincount(domains, weights=rate * lengths, minlength=n_domains) > 0
     if not can_sample.any():
@@ -381,10 +417,11 @@ def sample_by_length(token_file, budget_tokens, seed, short=SHORT_DOC, long=LONG
     order = order[: np.searchsorted(np.cumsum(lengths[order]), budget_tokens) + 1]
     if log:  # what the sampling did: documents and token shares by length, before and after
         def by_length(x):
-            bins = [x < short, (x >= short) & (x <= long), x > long]
+            bins = [x < SHORT_DOC, (x >= SHORT_DOC) & (x <= LONG_DOC), x > LONG_DOC]
             return " / ".join(f"{b.sum()} ({x[b].sum() / x.sum():.0%})" for b in bins)
-        log(f"length-based sampling to {budget_tokens:,} tokens, documents (token share) below {short} / "
-            f"{short}-{long} / above {long} tokens: before {by_length(lengths)}, after {by_length(lengths[order])}")
+        log(f"length-based sampling to {budget_tokens:,} tokens, documents (token share) below {SHORT_DOC} / "
+            f"{SHORT_DOC}-{LONG_DOC} / above {LONG_DOC} tokens: before {by_length(lengths)}, "
+            f"after {by_length(lengths[order])}")
     return order
 
 # --- Stage 1: packing with separators -------------------------------------------------------------
@@ -395,9 +432,8 @@ def separator_ids(tok, separator="<s>"):
         raise UserError(f"unknown separator {separator!r}; expected one of {', '.join(ids)}")
     return ids[separator]
 
-def _empty_batch(*shape):
-    """Four int64 tensors to fill, allocated by numpy: for tens of MB it asks the kernel for huge
-    pages, which fill several times faster here than torch.empty's fresh 4 KB pages."""
+def _empty_batch(*shape):  # four int64 tensors to fill, allocated by numpy: for tens of MB it asks the
+    # kernel for huge pages, which fill several times faster here than torch.empty's fresh 4 KB pages
     return {key: torch.from_numpy(np.empty(shape, dtype=np.int64)) for key in BATCH_KEYS}
 
 @functools.lru_cache(maxsize=2)
@@ -408,11 +444,11 @@ class PackedDataset:
     """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
     followed by the separator: a document longer than what is left continues in the next sequence,
     whose first input is i's last label, so every stream token but the first is a label exactly once.
-    The last, partial sequence is padded (pad_id, labels -100, doc_ids -1) unless drop_last. doc_ids:
+    The last, partial sequence is padded (token 0, labels -100, doc_ids -1). doc_ids:
     the index in `doc_order` (the separator belongs to its document); positions: 0..ctx-1, or with
     doc_mask the offset since the document (or the sequence) began. A read holds one sequence only."""
-    def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False, pad_id=0, drop_last=False):
-        self.token_file, self.ctx, self.doc_mask, self.pad_id = token_file, ctx, doc_mask, pad_id
+    def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False):
+        self.token_file, self.ctx, self.doc_mask = token_file, ctx, doc_mask
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
         if ctx <= len(self.sep):
             raise UserError(f"the window ctx={ctx} must be longer than the separator ({len(self.sep)} tokens)")
@@ -421,9 +457,9 @@ class PackedDataset:
         self.doc_starts = np.concatenate([[0], np.cumsum(self.doc_lengths + len(self.sep))])
         self.stream_len = int(self.doc_starts[-1])
         # A sequence needs ctx+1 stream tokens; the stream's first token is never a label.
-        self.n_sequences = (self.stream_len - 1) // ctx if drop_last else -(-(self.stream_len - 1) // ctx)
+        self.n_sequences = -(-(self.stream_len - 1) // ctx)
         if self.n_sequences <= 0:
-            raise UserError(f"the sampled stream ({self.stream_len} tokens) is shorter than one window of {ctx}")
+            raise UserError(f"the sampled stream ({self.stream_len} tokens) holds no label to learn")
 
     def __len__(self):
         return self.n_sequences
@@ -449,9 +485,8 @@ class PackedDataset:
                 take = min(int(self.doc_starts[k + 1]), first + have) - at
                 body = max(0, min(body_end - at, take))
                 # os.preadv, unlike reading through the memmap, maps nothing: resident memory does not grow
-                in_file = int(self.doc_offsets[k] + at - self.doc_starts[k])
-                if os.preadv(f.fileno(), [raw[filled : filled + body]], 4 * in_file) != 4 * body:
-                    raise UserError(f"the token file {f.name} ended before token {in_file + body}")
+                in_file = int(self.doc_offsets[k] + at - self.doc_starts[k])  # whole: TokenFile checked its size
+                os.preadv(f.fileno(), [raw[filled : filled + body]], 4 * in_file)
                 sep_at = max(0, at - body_end)
                 raw[filled + body : filled + take] = self.sep[sep_at : sep_at + take - body]
                 end = min(filled + take, n)  # raw[n] is a label only
@@ -460,7 +495,7 @@ class PackedDataset:
                     positions[filled:end] -= max(0, int(self.doc_starts[k]) - seq_start)
                 filled, k = filled + take, k + 1
         real = min(have, n)  # inputs that come from the stream
-        tokens[:real], tokens[real:] = raw[:real], self.pad_id
+        tokens[:real], tokens[real:] = raw[:real], 0  # padding: any id does, its labels are -100
         labels[: max(have - 1, 0)], labels[max(have - 1, 0) :] = raw[1:have], IGNORE_INDEX
         doc_ids[real:] = -1
         if self.doc_mask:  # and the padding counts from 0
@@ -511,35 +546,34 @@ def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not 
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
 class ChatDataset:
-    """sources: [(a JSONL path or glob, or a list of records; weight)]. The records (see _record_pieces),
+    """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
     formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
     of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
-    truncated (or with truncate=False skipped); a bad record raises UserError, or with skip_bad is skipped
-    (`stats` counts both)."""
-    def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, truncate=True, doc_mask=False, log=print):
+    truncated (skipped if no assistant token is left); a bad record raises UserError, or with skip_bad is
+    skipped (`stats` counts both)."""
+    def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad, pieces, source_of = _BadRecords(skip_bad), [], []
         for s, (source, weight) in enumerate(sources):
             if not (weight >= 0 and math.isfinite(weight)):
                 raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
             if isinstance(source, str):
-                records = ((f"{p} line {n}", r) for p in _expand_inputs(source) for n, r in read_jsonl(p, bad))
+                records = ((p, where, r) for p in _expand_inputs(source) for where, r in _records(p, bad))
             else:
-                records = ((f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
-            for where, record in records:
+                records = ((f"source {s}", f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
+            for file, where, record in records:
                 try:
                     pieces.append(_record_pieces(tok, record))
                     source_of.append(s)
                 except UserError as e:
-                    bad(f"{where}: {e}")
+                    bad(file, f"{where}: {e}")
         encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
         lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
         too_long = lengths > max_len
-        usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool) & (truncate | ~too_long)
+        usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool)
         if not usable.any():  # every record was bad or too long
             raise UserError(f"the chat sources hold no usable conversations: {bad.count} bad records skipped, "
-                            f"{len(usable)} longer than max_len={max_len}"
-                            + (" before the assistant's first token" if truncate else ""))
+                            f"{len(usable)} longer than max_len={max_len} before the assistant's first token")
         self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
         self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
         self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
@@ -584,32 +618,27 @@ class ChatDataset:
 
 # --- Loader ---------------------------------------------------------------------------------------
 class Loader:
-    """Batches for one (data-parallel, context-parallel) rank, deterministic given the seed. Every step
-    takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by seed and epoch);
-    data-parallel rank r gets the r-th run of batch_size, each sequence cut to (and reading only) the
-    context-parallel rank's zigzag chunks. Without drop_last, an epoch's last step is filled with its
-    first sequences: every rank takes the same number of steps, together they see every sequence.
-    Iterates epoch after epoch (or `epochs`); state_dict() after a batch resumes at the next one."""
-    def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0,
-                 shuffle=True, drop_last=False, epochs=None):
+    """Batches for one (data-parallel, context-parallel) rank, epoch after epoch, deterministic given the seed.
+    Every step takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by seed and
+    epoch); data-parallel rank r gets the r-th run of batch_size, each sequence cut to (and reading only) the
+    context-parallel rank's zigzag chunks. An epoch's last step is filled with its first sequences: every rank
+    takes the same number of steps, together they see every sequence. state_dict() after a batch resumes at
+    the next one."""
+    def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0):
         if dataset.ctx % (2 * cp_size):
             raise UserError(f"sequence length {dataset.ctx} must be divisible by 2 x cp = {2 * cp_size}")
         self.dataset, self.batch_size, self.dp_rank, self.seed = dataset, batch_size, dp_rank, seed
         self.ranges = zigzag_ranges(dataset.ctx, cp_rank, cp_size) if cp_size > 1 else [(0, dataset.ctx)]
-        self.shuffle, self.drop_last, self.epochs = shuffle, drop_last, epochs
-        self.global_batch, n = batch_size * dp_size, len(dataset)
-        self.steps_per_epoch = n // self.global_batch if drop_last else -(-n // self.global_batch)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"{n} sequences do not fill one global batch of {self.global_batch} with drop_last")
+        self.global_batch = batch_size * dp_size
+        self.steps_per_epoch = -(-len(dataset) // self.global_batch)
         self.epoch, self.step = 0, 0  # the next step within the epoch
 
     def epoch_order(self, epoch):  # (steps_per_epoch * global_batch,) the epoch's order, whole global batches
-        n = len(self.dataset)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         return np.resize(order, self.steps_per_epoch * self.global_batch)  # resize repeats from the start
 
     def __iter__(self):
-        while self.epochs is None or self.epoch < self.epochs:
+        while True:
             order = self.epoch_order(self.epoch)
             while self.step < self.steps_per_epoch:
                 first = self.step * self.global_batch + self.dp_rank * self.batch_size
@@ -625,9 +654,9 @@ class Loader:
 
     def state_dict(self):
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_sequences": len(self.dataset),
-                "global_batch": self.global_batch, "shuffle": self.shuffle, "drop_last": self.drop_last}
+                "global_batch": self.global_batch}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state):  # a checkpoint's other keys (an older loader's knobs) are not compared
         for key, mine in self.state_dict().items():
             if key not in ("epoch", "step") and state[key] != mine:
                 raise UserError(f"cannot resume: the saved loader has {key}={state[key]} but this one has {mine}")

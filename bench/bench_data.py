@@ -210,8 +210,8 @@ def packing_child(token_dir, ctx, max_sequences):
     t_copy_out_fresh = best_of(5, lambda: out_src.copy())
 
     # what training calls: the loader, whole sequences and one rank's zigzag shard of 8
-    t_loader = best_of(5, lambda: next(iter(data.Loader(dataset, 1, shuffle=False))))
-    t_shard = best_of(5, lambda: next(iter(data.Loader(dataset, 1, cp_rank=0, cp_size=8, shuffle=False))))
+    t_loader = best_of(5, lambda: next(iter(data.Loader(dataset, 1))))
+    t_shard = best_of(5, lambda: next(iter(data.Loader(dataset, 1, cp_rank=0, cp_size=8))))
     return {
         "file_gib": token_file.n_tokens * 4 / (1 << 30), "ctx": ctx, "sequences": n,
         "rss_baseline_mib": baseline / MiB, "rss_peak_mib": peak / MiB, "sequence_mib": sequence_bytes / MiB,

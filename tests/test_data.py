@@ -2,6 +2,7 @@
 bad input named by file and line. Randomized checks loop over fixed seeds (no hypothesis)."""
 
 import gzip
+import itertools
 import json
 import os
 import random
@@ -319,6 +320,107 @@ def test_bad_input_skip_counts(tok, tmp_path):
     assert any("skipped 2 bad records and 1 empty documents" in line for line in logs)
 
 
+def test_skipped_bad_records_are_counted_per_file(tok, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "good"}, {"nope": 1}, {"text": 5}, {"text": "fine"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "good"}, {"body": "x"}])
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    with pytest.raises(UserError, match=r"a\.jsonl line 2: .*\(pass --skip-bad to skip and count bad records\)"):
+        data.build_token_file(paths, tok, str(tmp_path / "cache"), log=None)
+    logs = []
+    tf = data.build_token_file(paths, tok, str(tmp_path / "cache"), skip_bad=True, log=logs.append)
+    assert tf.n_docs == 3 and tf.stats["bad_per_file"] == {paths[0]: 2, paths[1]: 1}
+    assert f"skipped 3 bad records: {paths[0]} 2, {paths[1]} 1\n" in logs[-1]
+
+
+def test_binary_files_are_bad_records(tok, tmp_path):
+    (tmp_path / "x.bin").write_bytes(bytes(4096))  # 4 KB of zeros: valid UTF-8, but not text
+    (tmp_path / "y.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8) + b"IHDR")
+    (tmp_path / "ok.txt").write_text("text\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"x\.bin: a binary file \(NUL byte at byte 0\), not text"):
+        data.build_token_file([str(tmp_path / "x.bin")], tok, str(tmp_path / "cache"), log=None)
+    with pytest.raises(UserError, match=r"y\.png: a binary file \(NUL byte at byte 8\), not text"):
+        data.build_token_file([str(tmp_path / "y.png")], tok, str(tmp_path / "cache"), log=None)
+    tf = data.build_token_file([str(tmp_path)], tok, str(tmp_path / "cache"), skip_bad=True, log=None)
+    assert tf.n_docs == 1 and tf.doc(0).tolist() == tok.encode("text\n") and tf.stats["bad_skipped"] == 2
+
+
+def test_json_array_files_are_records(tok, tmp_path):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two", "domain": "d"}], indent=2), encoding="utf-8")
+    tf = data.build_token_file([str(path)], tok, str(tmp_path / "cache"), log=None)
+    assert [tf.doc(k).tolist() for k in range(2)] == [tok.encode("one"), tok.encode("two")]
+    assert [tf.domain_names[d] for d in tf.domains] == ["export", "d"]
+    cases = [
+        ('[{"text": "a"}, 5]', r"bad\.json record 1: the record is not a JSON object"),
+        ('[{"text": "a"}, {"text": 3}]', r"bad\.json record 1: the record has a 'text' field that is not a string"),
+        ('[{"text": "a"},\n {"text": ', r"bad\.json line 2: malformed JSON"),
+        ('{"text": "a"}', r"bad\.json does not hold a JSON array of records"),
+        ('"a"', r"bad\.json does not hold a JSON array of records"),
+    ]
+    for content, message in cases:
+        (tmp_path / "bad.json").write_text(content, encoding="utf-8")
+        with pytest.raises(UserError, match=message):
+            data.build_token_file([str(tmp_path / "bad.json")], tok, str(tmp_path / "cache"), log=None)
+    # stage 2 reads the same arrays: conversations, a bad one named by its record
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.json").write_text(json.dumps([good, good, {"messages": []}]), encoding="utf-8")
+    with pytest.raises(UserError, match=r"chat\.json record 2: 'messages' is not a non-empty list"):
+        data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, log=None)
+    ds = data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, skip_bad=True, log=None)
+    assert ds.stats["conversations"] == 2 and ds.stats["bad_skipped"] == 1
+    assert ds[0]["tokens"][: len(data.format_chat(tok, good["messages"])[0])].tolist() == \
+        data.format_chat(tok, good["messages"])[0]
+
+
+@pytest.mark.parametrize("damage", ["tokens", "meta", "lengths", "domains", "missing"])
+def test_damaged_token_cache_is_named_removed_and_rebuilt(tok, tmp_path, damage):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one two"}, {"text": "three"}])
+    first = data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(tmp_path / "cache"), log=None)
+    name = {"tokens": "tokens.u32", "meta": "meta.json", "lengths": "lengths.npy", "domains": "domains.npy",
+            "missing": "lengths.npy"}[damage]
+    target = os.path.join(first.path, name)
+    if damage == "missing":
+        os.remove(target)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) - 3)  # cut short, as by a full disk or a copy that died
+    with pytest.raises(UserError, match=f"the token file {first.path} is damaged"):
+        data.TokenFile(first.path)
+    logs = []
+    again = data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(tmp_path / "cache"), log=logs.append)
+    assert logs[0].startswith(f"the token file {first.path} is damaged") and "tokenizing again" in logs[0]
+    assert logs[1].startswith("tokenized") and again.path == first.path
+    assert [again.doc(k).tolist() for k in range(2)] == [tok.encode("one two"), tok.encode("three")]
+
+
+def test_dead_builds_are_removed_live_ones_kept(tok, tmp_path):
+    import subprocess
+    import sys
+    cache = tmp_path / "cache"
+    seen = []
+
+    def batches():  # looks at the cache while the token file is being written
+        seen.extend(os.listdir(cache))
+        yield np.array([1, 2], dtype=np.uint32), [2], ["d"]
+
+    cache.mkdir()
+    data.write_token_file(str(cache / "tf"), batches())
+    host = os.uname().nodename
+    assert len(seen) == 1 and seen[0].startswith(f"tf.tmp-{host}-{os.getpid()}-")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale = cache / f"tokens-0123.tmp-{host}-{dead.pid}-0badc0de"
+    live = cache / f"tokens-4567.tmp-{host}-{os.getpid()}-12345678"  # another build of this very process
+    elsewhere = cache / f"tokens-89ab.tmp-other-{host}-{dead.pid}-12345678"  # another host's: its pids are not ours
+    for d in (stale, live, elsewhere):
+        (d / "x").mkdir(parents=True)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}])
+    logs = []
+    data.build_token_file([str(tmp_path / "a.jsonl")], tok, str(cache), log=logs.append)
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert logs[0] == f"removed {stale}: process {dead.pid} of this host died while writing it"
+
+
 def test_empty_corpus_and_missing_input(tok, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(UserError, match="corpus is empty"):
@@ -351,27 +453,33 @@ def test_builtin_corpus(tok, tmp_path):
 # length-based sampling
 # ----------------------------------------------------------------------------------------------
 
-def test_sampling_hits_budget_within_one_document(tmp_path):
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    """Length thresholds for documents of hundreds of tokens, and stronger rates."""
+    for name, value in [("SHORT_DOC", 256), ("LONG_DOC", 1024), ("DOWN_RATE", 0.25), ("UP_RATE", 4.0)]:
+        monkeypatch.setattr(data, name, value)
+
+
+def test_sampling_hits_budget_within_one_document(tmp_path, small_thresholds):
     rng = np.random.default_rng(4)
     lengths = rng.integers(1, 3000, size=400)
     domains = [["a", "b", "c"][i % 3] for i in range(400)]
     tf = make_token_file(tmp_path, lengths, domains)
     for trial in range(30):
         budget = int(rng.integers(1, 3 * lengths.sum()))
-        order = data.sample_by_length(tf, budget, seed=trial, short=256, long=1024, log=None)
+        order = data.sample_by_length(tf, budget, seed=trial, log=None)
         total = tf.lengths[order].sum()
         assert budget <= total < budget + tf.lengths[order[-1]]
         assert order.dtype == np.int64 and order.min() >= 0 and order.max() < tf.n_docs
 
 
-def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path):
+def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path, small_thresholds):
     rng = np.random.default_rng(5)
     lengths = np.concatenate([rng.integers(10, 256, 600), rng.integers(256, 1024, 300), rng.integers(1025, 4000, 100)])
     domains = ["x" if i % 4 else "y" for i in range(len(lengths))]
     tf = make_token_file(tmp_path, lengths, domains)
     logs = []
-    order = data.sample_by_length(tf, int(lengths.sum()), seed=0, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=logs.append)
+    order = data.sample_by_length(tf, int(lengths.sum()), seed=0, log=logs.append)
     sampled = tf.lengths[order]
     long_before = lengths[lengths > 1024].sum() / lengths.sum()
     long_after = sampled[sampled > 1024].sum() / sampled.sum()
@@ -383,21 +491,18 @@ def test_sampling_shifts_toward_long_documents_and_keeps_domains(tmp_path):
     assert abs(y_after - y_before) < 0.05
     assert "length-based sampling" in logs[0] and "before" in logs[0] and "after" in logs[0]
     # deterministic given the seed
-    again = data.sample_by_length(tf, int(lengths.sum()), seed=0, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=None)
-    other = data.sample_by_length(tf, int(lengths.sum()), seed=1, short=256, long=1024,
-                                  down_rate=0.25, up_rate=4.0, log=None)
+    again = data.sample_by_length(tf, int(lengths.sum()), seed=0, log=None)
+    other = data.sample_by_length(tf, int(lengths.sum()), seed=1, log=None)
     assert (order == again).all() and not np.array_equal(order, other)
 
 
-def test_sampling_rejects_bad_settings(tmp_path):
+def test_sampling_rejects_bad_settings(tmp_path, monkeypatch):
     tf = make_token_file(tmp_path, [10, 20])
     with pytest.raises(UserError, match="budget must be positive"):
         data.sample_by_length(tf, 0, seed=0, log=None)
-    with pytest.raises(UserError, match="short <= long"):
-        data.sample_by_length(tf, 10, seed=0, short=10, long=5, log=None)
+    monkeypatch.setattr(data, "DOWN_RATE", 0)  # an edited constant that leaves nothing to sample
     with pytest.raises(UserError, match="rate 0"):
-        data.sample_by_length(tf, 10, seed=0, down_rate=0, log=None)
+        data.sample_by_length(tf, 10, seed=0, log=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +526,7 @@ def test_packing_reproduces_the_stream(tmp_path):
         order = rng.integers(0, len(lengths), size=int(rng.integers(1, 60)))  # repeats allowed
         sep = [int(s) for s in rng.integers(500, 512, size=int(rng.integers(0, 4)))]
         ctx = int(rng.integers(len(sep) + 1, 200))
-        ds = data.PackedDataset(tf, order, ctx, sep, pad_id=7)
+        ds = data.PackedDataset(tf, order, ctx, sep)
         stream = np.concatenate([np.concatenate([tf.doc(d), sep]) for d in order]).astype(np.int64)
         items = [ds[i] for i in range(len(ds))]
         tokens = torch.cat([x["tokens"] for x in items]).numpy()
@@ -430,7 +535,7 @@ def test_packing_reproduces_the_stream(tmp_path):
         n = len(stream)
         assert len(ds) == -(-(n - 1) // ctx)
         # the stream's last token is an input only when a padded last sequence holds it
-        assert (tokens[:n - 1] == stream[:-1]).all() and (tokens[n:] == 7).all()
+        assert (tokens[:n - 1] == stream[:-1]).all() and (tokens[n:] == 0).all()
         assert len(tokens) == n - 1 or tokens[n - 1] == stream[-1]
         assert (labels[:n - 1] == stream[1:]).all() and (labels[n - 1:] == -100).all()
         # doc ids: every document's tokens and its separator carry its place in the order
@@ -458,12 +563,11 @@ def test_packing_reproduces_the_stream(tmp_path):
             assert (part[key] == items[i][key][a:b]).all()
 
 
-def test_packing_drop_last_and_doc_mask_positions(tmp_path):
+def test_packing_doc_mask_positions(tmp_path):
     tf = make_token_file(tmp_path, [5, 12, 3])
     ds = data.PackedDataset(tf, [0, 1, 2], ctx=8, sep_ids=[511], doc_mask=True)
     # stream: doc0 (5) + sep, doc1 (12) + sep, doc2 (3) + sep = 23 tokens -> 2 full sequences + 1
     assert len(ds) == 3
-    assert data.PackedDataset(tf, [0, 1, 2], ctx=8, sep_ids=[511], drop_last=True).__len__() == 2
     pos = torch.cat([ds[i]["positions"] for i in range(3)]).tolist()
     # each document restarts at 0 and so does each sequence (doc1 continues into sequence 1)
     assert pos[:8] == [0, 1, 2, 3, 4, 5, 0, 1]
@@ -506,16 +610,15 @@ def packed(tmp_path, n_tokens=3000, ctx=24, seed=0):
 
 def test_loader_ranks_are_distinct_and_cover_everything(tmp_path):
     ds = packed(tmp_path)
-    for dp_size, batch_size, drop_last in [(1, 4, False), (2, 3, False), (3, 2, True), (4, 5, False)]:
+    for dp_size, batch_size in [(1, 4), (2, 3), (3, 2), (4, 5)]:
         seen = []
         steps = None
         for rank in range(dp_size):
-            loader = data.Loader(ds, batch_size, dp_rank=rank, dp_size=dp_size, seed=1,
-                                 drop_last=drop_last, epochs=1)
+            loader = data.Loader(ds, batch_size, dp_rank=rank, dp_size=dp_size, seed=1)
             order = loader.epoch_order(0)
             first = [s * batch_size * dp_size + rank * batch_size for s in range(loader.steps_per_epoch)]
             indices = [order[f : f + batch_size] for f in first]
-            batches = list(loader)
+            batches = list(itertools.islice(loader, loader.steps_per_epoch))  # one epoch
             steps = steps or len(batches)
             assert len(batches) == steps  # every rank takes the same number of steps
             for idx, batch in zip(indices, batches):
@@ -523,12 +626,9 @@ def test_loader_ranks_are_distinct_and_cover_everything(tmp_path):
                 assert (batch["tokens"] == torch.stack([ds[int(i)]["tokens"] for i in idx])).all()
             seen.append(np.concatenate(indices))
         everything = np.concatenate(seen)
-        if drop_last:
-            assert len(set(everything.tolist())) == len(everything)  # all distinct
-        else:
-            assert set(everything.tolist()) == set(range(len(ds)))  # together they see it all
-            # only the wrap-around fill of the last step repeats anything
-            assert len(everything) - len(set(everything.tolist())) < batch_size * dp_size
+        assert set(everything.tolist()) == set(range(len(ds)))  # together they see it all
+        # only the wrap-around fill of the last step repeats anything
+        assert len(everything) - len(set(everything.tolist())) < batch_size * dp_size
 
 
 def test_loader_context_parallel_shards(tmp_path):
@@ -564,8 +664,8 @@ def test_loader_deterministic_reshuffles_and_resumes(tmp_path):
             assert all((expected[k] == got[k]).all() for k in expected)
     with pytest.raises(UserError, match="cannot resume"):
         data.Loader(ds, 4, dp_rank=1, dp_size=2, seed=8).load_state_dict(state)
-    unshuffled = data.Loader(ds, 1, shuffle=False, epochs=1)
-    assert [int(b["tokens"][0, 0]) for b in unshuffled] == [int(ds[i]["tokens"][0]) for i in range(len(ds))]
+    # a checkpoint of the older loader, which had shuffle and drop_last knobs, resumes
+    data.Loader(ds, 4, dp_rank=1, dp_size=2, seed=7).load_state_dict({**state, "shuffle": True, "drop_last": False})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +711,7 @@ def test_chat_dataset_weights_truncation_and_doc_mask(tok, tmp_path):
     # no assistant token survives truncation before the reply: counted as skipped
     with pytest.raises(UserError, match="no usable conversations"):
         data.ChatDataset([(long, 1.0)], tok, max_len=full - 51, log=None)
-    skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 10, truncate=False, log=None)
+    skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 51, log=None)
     assert skipped.stats["too_long_skipped"] == 1 and skipped.stats["blended"] == 1
     masked = data.ChatDataset([(short, 1.0)], tok, max_len=512, doc_mask=True, log=None)
     row = masked[0]
