@@ -1,12 +1,11 @@
-"""Data for both stages, in the order it runs. Stage 1: tokenizer, files -> documents -> one token
-file, length-based sampling, packing with separators. Stage 2: chat formatting and packing. Then the
-loader: an item is {"tokens", "labels", "positions", "doc_ids"}, int64 (ctx,); a batch stacks them,
-cut to (batch_size, ctx // cp_size) for one data- and context-parallel rank.
+"""Data for both stages, in the order it runs: the tokenizer and Llama 3.1's chat format; stage 1's
+files -> documents -> one token file, length-based sampling, packing with separators; the loader
+(stage 2's chat rows are built in sft.py). An item is {"tokens", "labels", "positions", "doc_ids"},
+int64 (ctx,); a batch stacks them, cut to (batch_size, ctx // cp_size) for one dp and cp rank.
 
     tok = load_tokenizer(model_dir)  # None: the built-in byte-level one
     token_file = build_token_file(paths, tok, cache_dir)
     ds = PackedDataset(token_file, sample_by_length(token_file, 10**9, seed=0), 2**20, separator_ids(tok))
-    ds = ChatDataset([("sharegpt.jsonl", 1.0), ("math.jsonl", 0.5)], tok, max_len=8192)  # or stage 2's
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
@@ -126,7 +125,7 @@ def load_tokenizer(model_dir):
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), {**config, "chat_template": template}, model_dir)
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
-def _chat_pieces(tok, messages, add_generation_prompt):
+def chat_pieces(tok, messages, add_generation_prompt):
     """The template's output as pieces, (special token id or text, trainable), each text encoded on its
     own (the header's "\\n\\n" too: Llama 3's pre-tokenizer splits it from the stripped content anyway).
     The assistant's content is trainable, and so is its <|eot_id|> (the model learns to stop)."""
@@ -158,7 +157,7 @@ def _chat_pieces(tok, messages, add_generation_prompt):
         pieces += header(role) + [(text, role == "assistant"), (eot, role == "assistant")]
     return (pieces + header("assistant")) if add_generation_prompt else pieces
 
-def _encode_pieces(tok, conversations):  # (tokens, mask) per conversation, all encoded in one batch
+def encode_pieces(tok, conversations):  # (tokens, mask) per conversation, all encoded in one batch
     flat, lengths = tok.encode_flat([p for pieces in conversations for p, _ in pieces if isinstance(p, str)])
     texts, out = iter(np.split(flat, np.cumsum(lengths)[:-1])), []
     for pieces in conversations:
@@ -174,7 +173,7 @@ def format_chat(tok, messages, add_generation_prompt=False):
     """Llama 3.1 chat formatting: (tokens, mask), mask True on the assistant's content + <|eot_id|>.
     The tokens of `apply_chat_template` with Llama 3.1's template (or Llama 3's: no system preamble),
     with one deliberate difference: special-token strings typed inside a message stay plain text."""
-    return _encode_pieces(tok, [_chat_pieces(tok, messages, add_generation_prompt)])[0]
+    return encode_pieces(tok, [chat_pieces(tok, messages, add_generation_prompt)])[0]
 
 # --- Stage 1: files -> documents ------------------------------------------------------------------
 def builtin_corpus_files():
@@ -186,7 +185,7 @@ def builtin_corpus_files():
         files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(".py")]
     return files
 
-def _expand_inputs(paths):  # files, directories (recursively, hidden names skipped) and globs -> files
+def expand_inputs(paths):  # files, directories (recursively, hidden names skipped) and globs -> files
     files = []
     for pattern in [paths] if isinstance(paths, str) else paths:
         matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
@@ -197,7 +196,7 @@ def _expand_inputs(paths):  # files, directories (recursively, hidden names skip
             files += sorted(f for f in [match] + inside if os.path.isfile(f))
     return files
 
-class _BadRecords:
+class BadRecords:
     """The one bad-record policy: raise, or with skip_bad count them per file and keep a few for the log."""
     def __init__(self, skip_bad):
         self.skip_bad, self.count, self.per_file, self.examples = skip_bad, 0, collections.Counter(), []
@@ -245,7 +244,7 @@ def _read_text(path, bad):  # a whole file's text, or None when it is binary or 
         line = raw[: e.start].count(b"\n") + 1
         return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
 
-def _records(path, bad):
+def read_records(path, bad):
     """(where, record) for each object of a JSONL file, or of a .json file's JSON array (what the `datasets`
     library's to_json(lines=False) writes), `where` naming the file and its line or record (from 0)."""
     if not path.endswith((".json", ".json.gz")):
@@ -264,7 +263,7 @@ def _documents(files, bad, builtin):
     each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
         if path.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")):  # records; others are text
-            for where, record in _records(path, bad):
+            for where, record in read_records(path, bad):
                 text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
                 if not isinstance(text, str):
                     bad(path, f"{where}: the record has " + ("no 'text' field" if text is None else
@@ -363,7 +362,7 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     the files' paths, sizes and mtimes and the tokenizer; a damaged one is rebuilt). paths: files, directories
     and globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
     builtin, log = paths is None, log or (lambda message: None)
-    files = builtin_corpus_files() if builtin else _expand_inputs(paths)
+    files = builtin_corpus_files() if builtin else expand_inputs(paths)
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
     key = hashlib.sha256(json.dumps([2, key, tok.identity, skip_bad, builtin]).encode("utf-8")).hexdigest()
     out_dir = os.path.join(cache_dir, "tokens-" + key[:20])
@@ -377,7 +376,7 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
         except UserError as e:
             log(f"{e}; removing it and tokenizing again")
             shutil.rmtree(out_dir, ignore_errors=True)
-    bad = _BadRecords(skip_bad or builtin)
+    bad = BadRecords(skip_bad or builtin)
     token_file = write_token_file(out_dir, _encode_batches(_documents(files, bad, builtin), tok), lambda: {
         "files": len(files), "bad_skipped": bad.count, "bad_per_file": dict(bad.per_file),
         "bad_examples": bad.examples})
@@ -432,7 +431,7 @@ def separator_ids(tok, separator="<s>"):
         raise UserError(f"unknown separator {separator!r}; expected one of {', '.join(ids)}")
     return ids[separator]
 
-def _empty_batch(*shape):  # four int64 tensors to fill, allocated by numpy: for tens of MB it asks the
+def empty_batch(*shape):  # four int64 tensors to fill, allocated by numpy: for tens of MB it asks the
     # kernel for huge pages, which fill several times faster here than torch.empty's fresh 4 KB pages
     return {key: torch.from_numpy(np.empty(shape, dtype=np.int64)) for key in BATCH_KEYS}
 
@@ -473,7 +472,7 @@ class PackedDataset:
         if not 0 <= i < self.n_sequences:
             raise IndexError(f"sequence {i} is out of range for {self.n_sequences} sequences")
         n, first, seq_start = stop - start, i * self.ctx + start, i * self.ctx  # stream positions
-        out = _empty_batch(n) if out is None else out
+        out = empty_batch(n) if out is None else out
         tokens, labels, positions, doc_ids = (out[key].numpy() for key in BATCH_KEYS)  # (n,) each
         positions[:] = _count_up(self.ctx)[start:stop]
         raw = np.empty(n + 1, dtype=np.uint32)  # (n+1,) stream tokens; raw[1:] are the labels
@@ -502,120 +501,6 @@ class PackedDataset:
             positions[real:] -= start + real
         return out
 
-# --- Stage 2: chat data ---------------------------------------------------------------------------
-def _record_pieces(tok, record):
-    """A record -> pieces: a list of messages or {"messages": [...]}; or a plain {"prompt", "completion"}
-    (no template: <|begin_of_text|> prompt completion <|end_of_text|>, the two encoded apart as generation
-    sees them), trained on the completion and the end token ("train_eos": false: the completion alone)."""
-    if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
-        prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
-        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
-            raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
-        if not isinstance(train_eos, bool):
-            raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
-        return [(tok.bos_id, False), (prompt, False), (completion, True), (tok.eos_id, train_eos)]
-    if isinstance(record, dict) and "messages" not in record:
-        raise UserError("the record has neither 'messages' nor 'prompt' and 'completion'")
-    messages = record["messages"] if isinstance(record, dict) else record
-    pieces = _chat_pieces(tok, messages, add_generation_prompt=False)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
-    return pieces
-
-def _blend(weights, source_of, usable, seed):
-    """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
-    usable conversation of the source, plus a seeded fraction of them."""
-    rng, blend = np.random.default_rng(seed), []
-    for s, weight in enumerate(weights):
-        members = np.flatnonzero((source_of == s) & usable)
-        blend.append(np.repeat(members, int(weight)))
-        blend.append(rng.choice(members, size=round((weight - int(weight)) * len(members)), replace=False))
-    blend = np.concatenate(blend).astype(np.int64)
-    rng.shuffle(blend)
-    if len(blend) == 0:
-        raise UserError("the weights leave no conversations to train on")
-    return blend
-
-def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not fit starts the next row
-    bounds, used = [0], 0
-    for j, length in enumerate(lengths):
-        if used + length > max_len:
-            bounds.append(j)
-            used = 0
-        used += length
-    return np.asarray(bounds + [len(lengths)], dtype=np.int64)
-
-class ChatDataset:
-    """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
-    formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
-    of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
-    truncated (skipped if no assistant token is left); a bad record raises UserError, or with skip_bad is
-    skipped (`stats` counts both)."""
-    def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, doc_mask=False, log=print):
-        self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
-        bad, pieces, source_of = _BadRecords(skip_bad), [], []
-        for s, (source, weight) in enumerate(sources):
-            if not (weight >= 0 and math.isfinite(weight)):
-                raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
-            if isinstance(source, str):
-                records = ((p, where, r) for p in _expand_inputs(source) for where, r in _records(p, bad))
-            else:
-                records = ((f"source {s}", f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
-            for file, where, record in records:
-                try:
-                    pieces.append(_record_pieces(tok, record))
-                    source_of.append(s)
-                except UserError as e:
-                    bad(file, f"{where}: {e}")
-        encoded = [x for i in range(0, len(pieces), 1024) for x in _encode_pieces(tok, pieces[i : i + 1024])]
-        lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
-        too_long = lengths > max_len
-        usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool)
-        if not usable.any():  # every record was bad or too long
-            raise UserError(f"the chat sources hold no usable conversations: {bad.count} bad records skipped, "
-                            f"{len(usable)} longer than max_len={max_len} before the assistant's first token")
-        self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
-        self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
-        self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
-        # (m,) the conversation of each occurrence; row r holds occurrences row_bounds[r]:row_bounds[r+1]
-        self.blend = _blend([w for _, w in sources], np.array(source_of, dtype=np.int64), usable, seed)
-        self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)
-        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "blended": len(self.blend),
-                      "truncated": int((too_long & usable).sum()), "too_long_skipped": int((~usable).sum())}
-        if log:
-            fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
-            log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
-                + f"; packed into {len(self)} rows of {max_len} ({fill:.0%} full)" + bad.quoted())
-
-    def __len__(self):
-        return len(self.row_bounds) - 1
-
-    def __getitem__(self, i):
-        return self.read(i, 0, self.ctx)
-
-    def read(self, i, start, stop, out=None):  # positions [start, stop) of row i, as in PackedDataset.read
-        tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
-        trainable = np.zeros(self.ctx + 1, dtype=bool)  # (ctx+1,) one spare: the last label is -100
-        doc_ids, positions = np.full(self.ctx, -1, dtype=np.int64), np.arange(self.ctx, dtype=np.int64)
-        at = 0
-        for occurrence in range(self.row_bounds[i], self.row_bounds[i + 1]):
-            offset, length = self.conv_offsets[self.blend[occurrence]], self.conv_lengths[self.blend[occurrence]]
-            tokens[at : at + length] = self.tokens[offset : offset + length]
-            trainable[at : at + length] = self.mask[offset : offset + length]
-            doc_ids[at : at + length] = occurrence
-            if self.doc_mask:  # positions restart at every conversation
-                positions[at : at + length] = np.arange(length)
-            at += length
-        if self.doc_mask:
-            positions[at:] = np.arange(self.ctx - at)
-        # labels[j] is tokens[j+1] when that token is trainable. A conversation's first token
-        # (<|begin_of_text|>) never is, so no label crosses from one conversation to the next.
-        labels = np.where(trainable[1:], np.append(tokens[1:], self.pad_id), IGNORE_INDEX)
-        out = _empty_batch(stop - start) if out is None else out
-        for key, row in zip(BATCH_KEYS, (tokens, labels, positions, doc_ids)):
-            out[key].numpy()[:] = row[start:stop]
-        return out
-
 # --- Loader ---------------------------------------------------------------------------------------
 class Loader:
     """Batches for one (data-parallel, context-parallel) rank, epoch after epoch, deterministic given the seed.
@@ -642,7 +527,7 @@ class Loader:
             order = self.epoch_order(self.epoch)
             while self.step < self.steps_per_epoch:
                 first = self.step * self.global_batch + self.dp_rank * self.batch_size
-                batch = _empty_batch(self.batch_size, sum(b - a for a, b in self.ranges))
+                batch = empty_batch(self.batch_size, sum(b - a for a, b in self.ranges))
                 for row, index in enumerate(order[first : first + self.batch_size]):
                     at = 0
                     for a, b in self.ranges:  # the dataset writes straight into the batch's row

@@ -13,16 +13,132 @@ tokens of the whole global batch, so a short answer weighs as much as a token of
 The model's RoPE (YaRN from stage 1) and window are kept: short SFT does not undo the long window.
 """
 
-import hashlib, json, os, pathlib, random
+import hashlib, json, math, os, pathlib, random
 
+import numpy as np
 import torch
 
 import data
 import model as M
 import rope, train
+from rope import UserError
 from train import print0
 
 SYNTHETIC_WORD = 2  # letters of the word to copy (answers never seen in training: the copy must generalise)
+
+# --- Stage 2's data: chat records, formatted, blended by weight, packed into rows -------------------
+def _record_pieces(tok, record):
+    """A record -> pieces: a list of messages or {"messages": [...]}; or a plain {"prompt", "completion"}
+    (no template: <|begin_of_text|> prompt completion <|end_of_text|>, the two encoded apart as generation
+    sees them), trained on the completion and the end token ("train_eos": false: the completion alone)."""
+    if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
+        prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+            raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
+        if not isinstance(train_eos, bool):
+            raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
+        return [(tok.bos_id, False), (prompt, False), (completion, True), (tok.eos_id, train_eos)]
+    if isinstance(record, dict) and "messages" not in record:
+        raise UserError("the record has neither 'messages' nor 'prompt' and 'completion'")
+    messages = record["messages"] if isinstance(record, dict) else record
+    pieces = data.chat_pieces(tok, messages, add_generation_prompt=False)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
+    return pieces
+
+def _blend(weights, source_of, usable, seed):
+    """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
+    usable conversation of the source, plus a seeded fraction of them."""
+    rng, blend = np.random.default_rng(seed), []
+    for s, weight in enumerate(weights):
+        members = np.flatnonzero((source_of == s) & usable)
+        blend.append(np.repeat(members, int(weight)))
+        blend.append(rng.choice(members, size=round((weight - int(weight)) * len(members)), replace=False))
+    blend = np.concatenate(blend).astype(np.int64)
+    rng.shuffle(blend)
+    if len(blend) == 0:
+        raise UserError("the weights leave no conversations to train on")
+    return blend
+
+def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not fit starts the next row
+    bounds, used = [0], 0
+    for j, length in enumerate(lengths):
+        if used + length > max_len:
+            bounds.append(j)
+            used = 0
+        used += length
+    return np.asarray(bounds + [len(lengths)], dtype=np.int64)
+
+class ChatDataset:
+    """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
+    formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
+    of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
+    truncated (skipped if no assistant token is left); a bad record raises UserError, or with skip_bad is
+    skipped (`stats` counts both)."""
+    def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, doc_mask=False, log=print):
+        self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
+        bad, pieces, source_of = data.BadRecords(skip_bad), [], []
+        for s, (source, weight) in enumerate(sources):
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
+            if isinstance(source, str):
+                records = ((p, where, r) for p in data.expand_inputs(source) for where, r in data.read_records(p, bad))
+            else:
+                records = ((f"source {s}", f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
+            for file, where, record in records:
+                try:
+                    pieces.append(_record_pieces(tok, record))
+                    source_of.append(s)
+                except UserError as e:
+                    bad(file, f"{where}: {e}")
+        encoded = [x for i in range(0, len(pieces), 1024) for x in data.encode_pieces(tok, pieces[i : i + 1024])]
+        lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
+        too_long = lengths > max_len
+        usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool)
+        if not usable.any():  # every record was bad or too long
+            raise UserError(f"the chat sources hold no usable conversations: {bad.count} bad records skipped, "
+                            f"{len(usable)} longer than max_len={max_len} before the assistant's first token")
+        self.tokens = np.concatenate([np.asarray(t, dtype=np.uint32) for t, _ in encoded])  # (total,) flat
+        self.mask = np.concatenate([np.asarray(m, dtype=bool) for _, m in encoded])  # (total,) trainable
+        self.conv_offsets, self.conv_lengths = np.cumsum(lengths) - lengths, np.minimum(lengths, max_len)
+        # (m,) the conversation of each occurrence; row r holds occurrences row_bounds[r]:row_bounds[r+1]
+        self.blend = _blend([w for _, w in sources], np.array(source_of, dtype=np.int64), usable, seed)
+        self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)
+        self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "blended": len(self.blend),
+                      "truncated": int((too_long & usable).sum()), "too_long_skipped": int((~usable).sum())}
+        if log:
+            fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
+            log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
+                + f"; packed into {len(self)} rows of {max_len} ({fill:.0%} full)" + bad.quoted())
+
+    def __len__(self):
+        return len(self.row_bounds) - 1
+
+    def __getitem__(self, i):
+        return self.read(i, 0, self.ctx)
+
+    def read(self, i, start, stop, out=None):  # positions [start, stop) of row i, as in PackedDataset.read
+        tokens = np.full(self.ctx, self.pad_id, dtype=np.int64)  # (ctx,)
+        trainable = np.zeros(self.ctx + 1, dtype=bool)  # (ctx+1,) one spare: the last label is -100
+        doc_ids, positions = np.full(self.ctx, -1, dtype=np.int64), np.arange(self.ctx, dtype=np.int64)
+        at = 0
+        for occurrence in range(self.row_bounds[i], self.row_bounds[i + 1]):
+            offset, length = self.conv_offsets[self.blend[occurrence]], self.conv_lengths[self.blend[occurrence]]
+            tokens[at : at + length] = self.tokens[offset : offset + length]
+            trainable[at : at + length] = self.mask[offset : offset + length]
+            doc_ids[at : at + length] = occurrence
+            if self.doc_mask:  # positions restart at every conversation
+                positions[at : at + length] = np.arange(length)
+            at += length
+        if self.doc_mask:
+            positions[at:] = np.arange(self.ctx - at)
+        # labels[j] is tokens[j+1] when that token is trainable. A conversation's first token
+        # (<|begin_of_text|>) never is, so no label crosses from one conversation to the next.
+        labels = np.where(trainable[1:], np.append(tokens[1:], self.pad_id), data.IGNORE_INDEX)
+        out = data.empty_batch(stop - start) if out is None else out
+        for key, row in zip(data.BATCH_KEYS, (tokens, labels, positions, doc_ids)):
+            out[key].numpy()[:] = row[start:stop]
+        return out
 
 def build_parser():
     p = train.common_parser("Stage 2: instruction tuning on chat data (see README)")
@@ -104,7 +220,7 @@ def run(args):
     tok.chat_template = tok.chat_template or data.LLAMA31_CHAT_TEMPLATE  # the export carries the one trained
     print0(d, f"model: {args.model or 'tiny preset'}, window {model.args.max_seq_len} kept, rope {model.args.rope}; "
               f"{args.steps} steps of {args.batch} x {args.max_len} tokens, lr {args.lr}")
-    dataset = data.ChatDataset(chat_sources(args.data, args.seed), tok, args.max_len, seed=args.seed,
+    dataset = ChatDataset(chat_sources(args.data, args.seed), tok, args.max_len, seed=args.seed,
                                skip_bad=args.skip_bad, doc_mask=args.doc_mask, log=print if d.is_main else None)
     loader = data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
                          cp_size=d.cp, seed=args.seed)

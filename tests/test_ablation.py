@@ -52,12 +52,12 @@ def test_retrieval_prompt_holds_the_letter_once_and_is_answered_by_one_token():
 
 def test_retrieval_records_train_the_letter_alone(tmp_path):
     """sft.py's labels on a retrieval record: the letter and nothing else (no end token)."""
-    import data
+    import data, sft
     tok = data.builtin_tokenizer()
     path = str(tmp_path / "retrieval.jsonl")
     ablation.write_retrieval_records(path, 6, window=256)
     records = [json.loads(line) for line in open(path)]
-    dataset = data.ChatDataset([(path, 1.0)], tok, 256, log=None)
+    dataset = sft.ChatDataset([(path, 1.0)], tok, 256, log=None)
     labels = [label for i in range(len(dataset)) for label in dataset[i]["labels"].tolist() if label != -100]
     assert labels == [tok.encode(records[k]["completion"])[0] for k in dataset.blend.tolist()]
 

@@ -13,6 +13,7 @@ import torch
 
 import attention
 import data
+import sft
 from rope import UserError
 
 
@@ -365,8 +366,8 @@ def test_json_array_files_are_records(tok, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     (tmp_path / "chat.json").write_text(json.dumps([good, good, {"messages": []}]), encoding="utf-8")
     with pytest.raises(UserError, match=r"chat\.json record 2: 'messages' is not a non-empty list"):
-        data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, log=None)
-    ds = data.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, skip_bad=True, log=None)
+        sft.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, log=None)
+    ds = sft.ChatDataset([(str(tmp_path / "chat.json"), 1.0)], tok, max_len=256, skip_bad=True, log=None)
     assert ds.stats["conversations"] == 2 and ds.stats["bad_skipped"] == 1
     assert ds[0]["tokens"][: len(data.format_chat(tok, good["messages"])[0])].tolist() == \
         data.format_chat(tok, good["messages"])[0]
@@ -674,7 +675,7 @@ def test_loader_deterministic_reshuffles_and_resumes(tmp_path):
 
 def test_chat_dataset_labels_and_packing(tok):
     conversations = small_chats(60, seed=1)
-    ds = data.ChatDataset([(conversations, 1.0)], tok, max_len=256, seed=0, log=None)
+    ds = sft.ChatDataset([(conversations, 1.0)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["conversations"] == 60 and ds.stats["blended"] == 60
     rows = [ds[i] for i in range(len(ds))]
     seen = []
@@ -698,22 +699,22 @@ def test_chat_dataset_labels_and_packing(tok):
 def test_chat_dataset_weights_truncation_and_doc_mask(tok, tmp_path):
     short = small_chats(40, seed=2)
     long = [[{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 50}]]
-    ds = data.ChatDataset([(short, 2.0), (long, 0.5)], tok, max_len=256, seed=0, log=None)
+    ds = sft.ChatDataset([(short, 2.0), (long, 0.5)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["blended"] == 80 + 0  # round(0.5 * 1) = 0 copies of the long one
     full = len(data.format_chat(tok, long[0])[0])  # the assistant's 51 tokens come last
-    ds = data.ChatDataset([(short, 0.5), (long, 1.0)], tok, max_len=full, seed=0, log=None)
+    ds = sft.ChatDataset([(short, 0.5), (long, 1.0)], tok, max_len=full, seed=0, log=None)
     assert ds.stats["blended"] == 21 and ds.stats["truncated"] == 0
     logs = []
-    truncated = data.ChatDataset([(long, 1.0)], tok, max_len=full - 10, log=logs.append)
+    truncated = sft.ChatDataset([(long, 1.0)], tok, max_len=full - 10, log=logs.append)
     assert truncated.stats["truncated"] == 1 and "1 truncated" in logs[0]
     row = truncated[0]
     assert (row["labels"] != -100).sum() == 51 - 10 and (row["doc_ids"] == 0).all()
     # no assistant token survives truncation before the reply: counted as skipped
     with pytest.raises(UserError, match="no usable conversations"):
-        data.ChatDataset([(long, 1.0)], tok, max_len=full - 51, log=None)
-    skipped = data.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 51, log=None)
+        sft.ChatDataset([(long, 1.0)], tok, max_len=full - 51, log=None)
+    skipped = sft.ChatDataset([(long + short[:1], 1.0)], tok, max_len=full - 51, log=None)
     assert skipped.stats["too_long_skipped"] == 1 and skipped.stats["blended"] == 1
-    masked = data.ChatDataset([(short, 1.0)], tok, max_len=512, doc_mask=True, log=None)
+    masked = sft.ChatDataset([(short, 1.0)], tok, max_len=512, doc_mask=True, log=None)
     row = masked[0]
     for occurrence in set(row["doc_ids"].tolist()) - {-1}:
         where = row["doc_ids"] == occurrence
@@ -735,10 +736,10 @@ def test_chat_bad_input(tok, tmp_path):
     for bad_line, message in cases:
         path.write_text(json.dumps(good) + "\n" + bad_line + "\n", encoding="utf-8")
         with pytest.raises(UserError, match=message):
-            data.ChatDataset([(str(path), 1.0)], tok, max_len=256, log=None)
+            sft.ChatDataset([(str(path), 1.0)], tok, max_len=256, log=None)
     path.write_text("\n".join([json.dumps(good)] + [line for line, _ in cases]) + "\n", encoding="utf-8")
     logs = []
-    ds = data.ChatDataset([(str(path), 1.0)], tok, max_len=256, skip_bad=True, log=logs.append)
+    ds = sft.ChatDataset([(str(path), 1.0)], tok, max_len=256, skip_bad=True, log=logs.append)
     assert ds.stats["bad_skipped"] == len(cases) and ds.stats["conversations"] == 1
     assert "7 bad skipped" in logs[0]
 
@@ -753,7 +754,7 @@ def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
         record["train_eos"] = False
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     chats = small_chats(10, seed=4)
-    ds = data.ChatDataset([(str(path), 1.0), (chats, 1.0)], tok, max_len=256, seed=0, log=None)
+    ds = sft.ChatDataset([(str(path), 1.0), (chats, 1.0)], tok, max_len=256, seed=0, log=None)
     assert ds.stats["conversations"] == 40
     plain = 0
     for i in range(len(ds)):
@@ -773,7 +774,7 @@ def test_prompt_completion_records_train_on_the_completion_only(tok, tmp_path):
 
 
 def test_chat_dataset_in_loader(tok):
-    ds = data.ChatDataset([(small_chats(40, seed=3), 1.0)], tok, max_len=128, log=None)
+    ds = sft.ChatDataset([(small_chats(40, seed=3), 1.0)], tok, max_len=128, log=None)
     batch = next(iter(data.Loader(ds, 2, cp_rank=1, cp_size=2)))
     assert batch["tokens"].shape == (2, 64) and batch["labels"].shape == (2, 64)
 

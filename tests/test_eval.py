@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import sft
 import ruler
 import eval as E
 import model as M
@@ -211,7 +212,7 @@ def test_jsonl_raw_prompt_is_sent_as_sft_trains_it(tok, tmp_path):
                     + json.dumps({"prompt": "head " + "x" * 3000 + " tail", "answers": "Z"}) + "\n")
     short, long = E.read_records(str(path))
     s = E.make_jsonl_sample(tok, short, 1024, chat=False, max_new_tokens=4)
-    plain = data.ChatDataset([([{"prompt": "abc The letter is", "completion": " Z"}], 1.0)], tok, 64, log=None)
+    plain = sft.ChatDataset([([{"prompt": "abc The letter is", "completion": " Z"}], 1.0)], tok, 64, log=None)
     row = plain[0]
     assert s["tokens"] == row["tokens"][:len(s["tokens"])].tolist() == [tok.bos_id] + tok.encode("abc The letter is")
     assert not s["truncated"] and s["length"] == len(s["tokens"]) + 4

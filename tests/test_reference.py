@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 import data
 import model as M
 import rope
+import sft
 from test_train import write_corpus  # the same small JSONL corpus as test_train's runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +164,7 @@ def sft_reference(work, steps):
     """Stage 2: chat data packed into rows, labels on the assistant's tokens only, each
     conversation attending to itself; the model's RoPE kept."""
     tok = data.load_tokenizer(str(work / "small_start"))
-    dataset = data.ChatDataset([(str(work / "chat.jsonl"), 1.0)], tok, MAX_LEN, seed=SEED, doc_mask=True, log=None)
+    dataset = sft.ChatDataset([(str(work / "chat.jsonl"), 1.0)], tok, MAX_LEN, seed=SEED, doc_mask=True, log=None)
     assert len(dataset) >= steps * BATCH
     model = M.Llama.from_pretrained(str(work / "small_start"), dtype=torch.float32)
     with one_thread():

@@ -42,7 +42,7 @@ def chat_file(tmp_path_factory):
 def test_loss_is_the_mean_over_assistant_tokens_only():
     tok = data.load_tokenizer(None)
     convs = [c["messages"] for c in conversations()[:3]]
-    dataset = data.ChatDataset([(convs, 1.0)], tok, max_len=1024, seed=0, doc_mask=True, log=None)
+    dataset = sft.ChatDataset([(convs, 1.0)], tok, max_len=1024, seed=0, doc_mask=True, log=None)
     row = dataset[0]
     m = M.Llama(M.preset("tiny"))
     m.init_weights(seed=0)
@@ -67,7 +67,7 @@ def test_conversation_weighting_is_the_mean_of_each_conversations_mean():
     answer loss computed alone, then averaged over conversations (LongAlign's loss weighting)."""
     tok = data.load_tokenizer(None)
     convs = [c["messages"] for c in conversations()[:6]]
-    dataset = data.ChatDataset([(convs, 1.0)], tok, max_len=512, seed=0, doc_mask=True, log=None)
+    dataset = sft.ChatDataset([(convs, 1.0)], tok, max_len=512, seed=0, doc_mask=True, log=None)
     batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in data.BATCH_KEYS}
     assert len(dataset) >= 2
     m = M.Llama(M.preset("tiny"))
@@ -185,9 +185,10 @@ def test_synthetic_chat_is_deterministic_with_disjoint_exact_answers():
     (["--steps", "0"], "--steps must be at least 1, not 0"),
     (["--heldout", "-1"], "--heldout must be at least 0, not -1"),
 ])
-def test_bad_flags_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, args, message):
+def test_bad_flags_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)  # no out/train/hf here: the tiny preset
     monkeypatch.setattr(train, "prepare", lambda *a: pytest.fail("loaded despite a bad flag"))
-    with pytest.raises(SystemExit, match="^error: " + message):
+    with pytest.raises(SystemExit) as stopped:
         train.main([*args, "--out", str(tmp_path / "out")], run=sft.run, parser=sft.build_parser,
                    defaults=sft.fill_defaults)
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: " + message)
