@@ -1,8 +1,7 @@
 """Long-context evaluation: needle in a haystack, passkey, RULER, perplexity by position, JSONL benchmarks.
 
     python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
-    python eval.py ruler   --model DIR --lengths 128K,512K --haystack essays/ --squad dev-v2.0.json \
-                           --hotpotqa hotpot_dev_distractor_v1.json [--prepare-only]   (ruler.py: RULER's 13 tasks)
+    python eval.py ruler   --model DIR --lengths 128K --haystack essays/ --squad SQUAD --hotpotqa HOTPOT [--prepare-only]
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -10,9 +9,10 @@
 
 A length counts the model's own tokens: the whole prompt (chat frame, haystack, needle, question,
 answer prefix) plus the generation budget. Every run writes OUT/results.json: settings, one record
-per item (prediction and scores, never the prompt) and the aggregate.
+per item (prediction and scores, never the prompt) and the aggregate. Each item is also appended to
+OUT/items.jsonl as soon as it is done: the same command, run again, continues where it stopped.
 """
-import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, time
+import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, tempfile, time
 from functools import partial
 
 import numpy as np
@@ -186,8 +186,6 @@ def load_model(path: str, dtype: str, device: torch.device):
     return model, tok
 
 def answer(model, tok, s: dict, metrics: dict, d) -> dict:
-    """A greedy answer to sample {tokens, answers, max_new_tokens, ...} (a 1M-token prompt exists once; under --cp
-    each rank gives the same): an item of its fields but the prompt, the prediction, its scores."""
     new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group) if d.world > 1 \
         else model.generate(s["tokens"], s["max_new_tokens"], stop_ids=tok.stop_ids)
     stopped = bool(new) and new[-1] in tok.stop_ids
@@ -195,15 +193,13 @@ def answer(model, tok, s: dict, metrics: dict, d) -> dict:
     return dict({k: v for k, v in s.items() if k != "tokens"}, prompt_tokens=len(s["tokens"]), prediction=prediction,
                 stopped=stopped, scores={name: metric(prediction, s["answers"]) for name, metric in metrics.items()})
 
-def resume(log, work, pairs, **bar) -> list[dict]:
-    """The items of pairs (key, x), one at a time: the log's own when it holds the key (x is not used), else
-    work(x), appended to it as soon as it is done."""
+def resume(log, work, pairs, unit="sample", **bar) -> list[dict]:
+    """Items of pairs (key, x) one at a time (a 1M-token prompt exists once): the log's, else work(x), appended."""
     done, append = log
     return [done[key] if key in done else append(dict(key=key, **work(x)))
-            for key, x in tqdm(pairs, dynamic_ncols=True, delay=1, **bar)]
+            for key, x in tqdm(pairs, unit=unit, dynamic_ncols=True, delay=1, **bar)]
 
 def check_cp_launch(cp: int, world: int):
-    """Fail before loading anything when --cp does not match the processes torchrun started."""
     refuse([(cp < 1, f"--cp must be at least 1, got {cp}"),
             (world < cp, f"--cp {cp} needs {cp} processes but {world} were started; "
                          f"launch with torchrun --nproc_per_node {cp} eval.py ..."),
@@ -236,8 +232,7 @@ def cp_decode_attention(prompt_keys: torch.Tensor, group=None, block_size=attent
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     def attend(q, k, v, causal=True, doc_ids=None):
         # q (1, 1, H, D): the new token, the same on every rank; k, v (1, Tk, KV, D): this rank's cache
-        decoded = torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)
-        visible = torch.cat([prompt_keys, decoded])  # (Tk,)
+        visible = torch.cat([prompt_keys, torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)])
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # head-major
         both = torch.zeros(*q.shape[:3], q.shape[3] + 1, device=q.device)  # (1, H, 1, D + 1) fp32: out, then lse
         out, lse = both[..., :-1], both[..., -1].fill_(float("-inf"))  # views; lse -inf: no key seen yet
@@ -278,30 +273,18 @@ def save_text(path: str, text: str):
     M.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
 
-def check_out(out: str):  # before any weight loads: a folder that cannot hold the results fails now, not hours later
-    try:
-        os.makedirs(out, exist_ok=True)
-        pathlib.Path(probe := os.path.join(out, f".probe-{os.getpid()}")).write_text("")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {out} is not a writable folder ({e.strerror or e})") from None
-
 def item_log(out: str, settings: dict):
-    """OUT/items.jsonl: the settings, then each item, appended (and flushed) as soon as it is done; a rerun of the
-    same command skips what it holds. Returns (its items by key, append(item) -> item)."""
+    """OUT/items.jsonl: the settings, then each item as soon as it is done. (its items by key, append(item) -> item)"""
     (path := pathlib.Path(out, "items.jsonl")).touch()
     os.truncate(path, path.read_bytes().rfind(b"\n") + 1)  # a crash mid-write leaves a line without its newline
-    lines = [r for _, r in data.read_jsonl(str(path))]
-    old = lines[0].get("settings", {}) if lines else settings
-    differ = [f"{k} {old.get(k)!r} then, {v!r} now" for k, v in settings.items() if old.get(k) != v]
-    refuse([(differ, f"{path} holds the items of another command ({'; '.join(differ)}); pass another --out, "
-                     f"or delete {path} to start over")])
     def append(item):
         with open(path, "a", encoding="utf-8") as f:  # closed, so flushed, before the next item starts
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
         return item
-    if not lines:
-        append({"settings": settings})
+    lines = [r for _, r in data.read_jsonl(str(path))] or [append({"settings": settings})]
+    old = lines[0].get("settings", {})
+    differ = [f"{k} {old.get(k)!r} then, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+    refuse([(differ, f"{path} holds another command's items ({'; '.join(differ)}); pass another --out or delete it")])
     return {it.get("key"): it for it in lines[1:]}, append
 
 def write_results(args, items: list[dict], aggregate: dict):
@@ -330,7 +313,6 @@ def draw(out_dir: str, task: str, aggregate: dict):
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([b["end"] for b in aggregate["buckets"]], [b["ppl"] for b in aggregate["buckets"]], marker="o")
         ax.set(xlabel="position (end of bucket, tokens)", ylabel="perplexity", title="perplexity by position")
-        ax.grid(alpha=0.3)
     else:
         lengths, depths, scores = (aggregate["grid"][k] for k in ("lengths", "depths", "scores"))
         scores = np.array(scores, dtype=float)  # (depths, lengths)
@@ -347,7 +329,6 @@ def draw(out_dir: str, task: str, aggregate: dict):
     print(f"wrote {path}")
 
 def plot_saved(out_dir: str):
-    """Redraw the picture of an earlier run from its results.json (e.g. after installing matplotlib)."""
     path = os.path.join(out_dir, "results.json")
     refuse([(not os.path.isfile(path), f"{path} does not exist; run an evaluation with --out {out_dir} first"),
             (pyplot() is None, "matplotlib is not installed, so nothing can be drawn (pip install matplotlib)")])
@@ -358,8 +339,7 @@ def plot_saved(out_dir: str):
 # ---- the runs: build the samples, generate, score, aggregate, write
 def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], metric: str) -> dict:
     """niah, passkey: the mean of `metric` over the items (each counts once): in all, by length, by cell."""
-    def score(keep):
-        return mean(it["scores"][metric] for it in items if keep(it))
+    score = lambda keep: mean(it["scores"][metric] for it in items if keep(it))
     return {"score": score(lambda it: True), "metric": metric,
             "by_length": {format_length(n): score(lambda it: it["length"] == n) for n in lengths},
             "grid": {"lengths": lengths, "depths": depths,
@@ -383,8 +363,7 @@ def ruler_records(args, tok):
     that cannot run with the data given are named, once, with the reason."""
     sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
     args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
-    for task, why in args.skipped.items():
-        print(f"skipped {task}: it {why}")
+    print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
     words = ruler.load_words()
     return [(n, t, ruler.build(t, tok, n, args.samples, derive_seed(args.seed, t, n), sources, words, args.chat))
             for n in args.lengths for t in args.tasks if t not in args.skipped]
@@ -397,8 +376,7 @@ def prepare_ruler(args, tok):
         os.makedirs(folder, exist_ok=True)
         def write(tmp, records=records):
             with open(tmp, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         M.atomic_write(os.path.join(folder, "validation.jsonl"), write)
         save_text(os.path.join(folder, "meta.json"), json.dumps(dict(
             task=task, max_seq_length=n, tokens_to_generate=ruler.budget(task), samples=args.samples,
@@ -415,16 +393,13 @@ def ruler_table(items, lengths, tasks, skipped) -> dict:
     return {"table": table, "skipped": skipped}
 
 def run_ruler(args, model, tok, d, log):
-    def group(n, t, records):  # a (length, task) whose items are all done is not built
-        keys = [f"{t} {n} #{i}" for i in range(args.samples)]
-        return ((k, None) for k in keys) if all(k in log[0] for k in keys) else (
-            (f"{t} {n} #{r['index']}", lambda r=r: dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]),
-             answers=r["outputs"], max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"]))
-            for r in records)
-    samples = (s for n, t, records in ruler_records(args, tok) for s in group(n, t, records))
-    runnable = len(args.tasks) - len(args.skipped)  # known once the generator's first iterable is built
-    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler", unit="sample",
-                   total=len(args.lengths) * runnable * args.samples)
+    sample = lambda n, t, r: dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
+                                  max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
+    done = lambda n, t: all(f"{t} {n} #{i}" in log[0] for i in range(args.samples))  # builds no record: slow at 1M
+    samples = ((f"{t} {n} #{i}", partial(sample, n, t, r)) for n, t, records in ruler_records(args, tok)
+               for i, r in enumerate([None] * args.samples if done(n, t) else records))
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler",
+                   total=len(args.lengths) * (len(args.tasks) - len(args.skipped)) * args.samples)  # skipped: set above
     if not d.is_main:
         return None
     for it in items:  # string_match_all, or string_match_part for qa
@@ -439,8 +414,7 @@ def run_ruler(args, model, tok, d, log):
 def run_generation(args, model, tok, d, log):
     samples, total = task_samples(args, tok)
     metrics = {name: METRICS[name] for name in SCORES[args.task]}
-    items = resume(log, lambda build: answer(model, tok, build(), metrics, d), samples, desc=args.task, unit="sample",
-                   total=total)
+    items = resume(log, lambda build: answer(model, tok, build(), metrics, d), samples, desc=args.task, total=total)
     if not d.is_main:  # the other ranks of a cp launch only helped generate
         return None
     jsonl = args.task == "jsonl"  # each record counts once
@@ -457,19 +431,16 @@ def run_generation(args, model, tok, d, log):
 
 @torch.no_grad()
 def run_ppl(args, model, tok, d, log):
-    """Perplexity by position: target position p (the p-th token, predicted from tokens 0..p-1) falls
-    in bucket p // (length / 16). Losses are summed over every token of every sequence before
-    dividing, so the headline and each bucket are token-weighted means (not means of means)."""
+    """Perplexity by position: target p (predicted from tokens 0..p-1) falls in bucket p // (length / 16). Losses
+    are summed over every token of every sequence before dividing: token-weighted means, not means of means."""
     length = max(args.lengths)
     bucket, rng, token_file = max(1, length // 16), random.Random(args.seed), data.build_token_file(args.data, tok, args.cache)
-    # documents that long (a seeded choice) or, when too few are, documents joined by blank lines
     long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
     chosen = rng.sample(long_docs, min(args.docs, len(long_docs)))
     sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen] + [
         (f"joined documents #{k}", take_haystack(token_file, tok, length, rng)) for k in range(args.docs - len(chosen))]
     if len(chosen) < args.docs:
-        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the other "
-              f"{args.docs - len(chosen)} sequences join shorter documents with blank lines")
+        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the rest join shorter ones")
     n_buckets = math.ceil((length - 1) / bucket)
     def doc_losses(named):
         x = torch.tensor([named[1]], device=model.output.weight.device)  # (1, T): position t predicts token t + 1
@@ -554,14 +525,18 @@ def main(argv=None) -> int:
             raise UserError("ppl has no context-parallel path; run it as one process, without torchrun")
         check_cp_launch(args.cp, world)
         args.out = args.out or os.path.join("out", "eval", args.task)
-        check_out(args.out)
+        try:  # before any weight loads: a folder that cannot hold the results fails now, not hours later
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()  # a probe file, written and removed
+        except OSError as e:
+            raise UserError(f"--out {args.out} is not a writable folder ({e.strerror or e})") from None
         if args.task == "ruler" and args.prepare_only:  # the tokenizer alone; no process group, no weights
             tok = data.load_tokenizer(args.model)
-            config = os.path.join(args.model, "config.json")
-            fill_defaults(args, M.args_from_hf_config(M.read_hf_config(args.model), config).max_seq_len)
+            fill_defaults(args, M.args_from_hf_config(M.read_hf_config(m := args.model), f"{m}/config.json").max_seq_len)
             return prepare_ruler(args, tok) or 0
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "cache")}  # the command, less where files go
-        log = item_log(args.out, settings) if reporting else ({}, lambda item: item)  # rank 0 alone reads and writes it
+        settings = dict({k: v for k, v in vars(args).items() if k not in ("out", "cache")}, weights={
+            f.name: f.stat().st_mtime_ns for f in pathlib.Path(args.model).glob("*.safetensors")})
+        log = item_log(args.out, settings) if reporting else ({}, lambda item: item)  # a retrained model's times differ
         d = train.setup_distributed(args.cp)  # gloo on CPU, NCCL on cuda:LOCAL_RANK; one device without torchrun
         if d.world > 1:  # every rank skips what rank 0's log holds
             dist.broadcast_object_list(box := [log[0]], src=0)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -448,7 +449,8 @@ def crash_and_resume(monkeypatch, tmp_path, argv, work, k, built=None):
 
 
 def test_niah_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch, capsys):
-    argv = ["niah", "--model", tiny_dir, "--cache", cache, "--lengths", "256,512", "--depths", "0,1",
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    argv = ["niah", "--model", str(model), "--cache", cache, "--lengths", "256,512", "--depths", "0,1",
             "--max-new-tokens", "2"]
     first, again, built = crash_and_resume(monkeypatch, tmp_path, argv, (E, "answer"), 3, (E, "make_sample"))
     assert len(first["items"]) == 4 and len(built) == 1  # the 3 finished samples are not even built
@@ -458,9 +460,13 @@ def test_niah_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch, c
     capsys.readouterr()
     assert E.main([*argv, "--out", str(tmp_path / "part"), "--seed", "1", "--no-chat"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'part' / 'items.jsonl'} holds the items of another command "
-                          f"(seed 0 then, 1 now; chat True then, False now); pass another --out, or delete ")
+    assert err.startswith(f"error: {tmp_path / 'part' / 'items.jsonl'} holds another command's items "
+                          f"(seed 0 then, 1 now; chat True then, False now); pass another --out or delete it")
     assert err.count("\n") == 1 and (tmp_path / "part" / "items.jsonl").read_text() == log
+    weights = model / "model.safetensors"  # retrained in place: the same command, other weights
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert E.main([*argv, "--out", str(tmp_path / "part")]) == 2
+    assert "items.jsonl holds another command's items (weights {'model.safetensors': " in capsys.readouterr().err
 
 
 def test_jsonl_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch):
