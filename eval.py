@@ -1,8 +1,7 @@
 """Long-context evaluation: needle in a haystack, passkey, RULER, perplexity by position, JSONL benchmarks.
 
     python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
-    python eval.py ruler   --model DIR --lengths 128K,512K --haystack essays/ --squad dev-v2.0.json \
-                           --hotpotqa hotpot_dev_distractor_v1.json [--prepare-only]   (ruler.py: RULER's 13 tasks)
+    python eval.py ruler   --model DIR --lengths 128K --haystack essays/ --squad SQUAD --hotpotqa HOTPOT [--prepare-only]
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -10,9 +9,10 @@
 
 A length counts the model's own tokens: the whole prompt (chat frame, haystack, needle, question,
 answer prefix) plus the generation budget. Every run writes OUT/results.json: settings, one record
-per item (prediction and scores, never the prompt) and the aggregate.
+per item (prediction and scores, never the prompt) and the aggregate. Each item is also appended to
+OUT/items.jsonl as soon as it is done: the same command, run again, continues where it stopped.
 """
-import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, time
+import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, tempfile, time
 from functools import partial
 
 import numpy as np
@@ -118,9 +118,8 @@ def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystac
     needle, budget = needle.format(answer), max_new_tokens or generation_budget(tok, [answer])
     target, needed = length - budget, len(tok.encode(f"\n{needle}\n"))
     n = target - needed - len(prompt_tokens(tok, head + "\n" + question, answer_prefix, chat)[0])
-    if n < 1:
-        raise UserError(f"{task}: at length {format_length(length)} the prompt leaves {max(n + needed, 0)} tokens "
-                        f"for the context but the needle needs {needed}; ask for a longer length")
+    refuse([(n < 1, f"{task}: at length {format_length(length)} the prompt leaves {max(n + needed, 0)} tokens for "
+                     f"the context but the needle needs {needed}; ask for a longer length")])
     unit = tok.encode(FILLER)  # every sizing try takes a prefix of the same stream
     stream = take_haystack(haystack, tok, target, rng) if task == "niah" else unit * (target // len(unit) + 1)
     best, last = None, None
@@ -154,8 +153,7 @@ def read_records(path: str) -> list[dict]:
             (not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
              "has no 'answers' (a string or a non-empty list of strings)")])
         records.append(dict(r, id=r.get("id", line), input=r.get("input", ""), answers=answers))
-    if not records:
-        raise UserError(f"{path} holds no records")
+    refuse([(not records, f"{path} holds no records")])
     return records
 
 def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tokens=None) -> dict:
@@ -166,8 +164,7 @@ def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tok
         JSONL_HEAD, f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n", "Answer:")
     budget = max_new_tokens or generation_budget(tok, record["answers"])
     room = max_len - budget - len(prompt_tokens(tok, head + tail, answer_prefix, chat)[0])
-    if room < 2:
-        raise UserError(f"record {record['id']}: its question and answer alone exceed --max-len {max_len}")
+    refuse([(room < 2, f"record {record['id']}: its question and answer alone exceed --max-len {max_len}")])
     ids = tok.encode(record["prompt" if raw else "context"])
     cut = len(ids) > room
     context = tok.decode(ids[:room // 2]) + tok.decode(ids[len(ids) - (room - room // 2):]) if cut else tok.decode(ids)
@@ -188,22 +185,21 @@ def load_model(path: str, dtype: str, device: torch.device):
     refuse([(tok.vocab_size > vocab, f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only {vocab}")])
     return model, tok
 
-def generate_items(model, tok, samples, metrics: dict, d, desc: str = "", total: int | None = None) -> list[dict]:
-    """Greedy answers to samples {tokens, answers, max_new_tokens, ...} one at a time (a 1M-token prompt exists
-    once; under --cp each rank gives the same): items of their fields but the prompt, prediction, scores."""
-    items = []
-    for s in tqdm(samples, total=total, desc=desc, unit="sample", dynamic_ncols=True, delay=1):
-        new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group) if d.world > 1 \
-            else model.generate(s["tokens"], s["max_new_tokens"], stop_ids=tok.stop_ids)
-        stopped = bool(new) and new[-1] in tok.stop_ids
-        prediction = tok.decode(new[:-1] if stopped else new)
-        items.append(dict({k: v for k, v in s.items() if k != "tokens"}, prompt_tokens=len(s["tokens"]),
-                          prediction=prediction, stopped=stopped,
-                          scores={name: metric(prediction, s["answers"]) for name, metric in metrics.items()}))
-    return items
+def answer(model, tok, s: dict, metrics: dict, d) -> dict:
+    new = cp_generate(model, s["tokens"], s["max_new_tokens"], tok.stop_ids, d.cp_group) if d.world > 1 \
+        else model.generate(s["tokens"], s["max_new_tokens"], stop_ids=tok.stop_ids)
+    stopped = bool(new) and new[-1] in tok.stop_ids
+    prediction = tok.decode(new[:-1] if stopped else new)
+    return dict({k: v for k, v in s.items() if k != "tokens"}, prompt_tokens=len(s["tokens"]), prediction=prediction,
+                stopped=stopped, scores={name: metric(prediction, s["answers"]) for name, metric in metrics.items()})
+
+def resume(log, work, pairs, unit="sample", **bar) -> list[dict]:
+    """Items of pairs (key, x) one at a time (a 1M-token prompt exists once): the log's, else work(x), appended."""
+    done, append = log
+    return [done[key] if key in done else append(dict(key=key, **work(x)))
+            for key, x in tqdm(pairs, unit=unit, dynamic_ncols=True, delay=1, **bar)]
 
 def check_cp_launch(cp: int, world: int):
-    """Fail before loading anything when --cp does not match the processes torchrun started."""
     refuse([(cp < 1, f"--cp must be at least 1, got {cp}"),
             (world < cp, f"--cp {cp} needs {cp} processes but {world} were started; "
                          f"launch with torchrun --nproc_per_node {cp} eval.py ..."),
@@ -236,8 +232,7 @@ def cp_decode_attention(prompt_keys: torch.Tensor, group=None, block_size=attent
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     def attend(q, k, v, causal=True, doc_ids=None):
         # q (1, 1, H, D): the new token, the same on every rank; k, v (1, Tk, KV, D): this rank's cache
-        decoded = torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)
-        visible = torch.cat([prompt_keys, decoded])  # (Tk,)
+        visible = torch.cat([prompt_keys, torch.full((k.shape[1] - len(prompt_keys),), rank == 0, device=k.device)])
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # head-major
         both = torch.zeros(*q.shape[:3], q.shape[3] + 1, device=q.device)  # (1, H, 1, D + 1) fp32: out, then lse
         out, lse = both[..., :-1], both[..., -1].fill_(float("-inf"))  # views; lse -inf: no key seen yet
@@ -278,8 +273,21 @@ def save_text(path: str, text: str):
     M.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
 
+def item_log(out: str, settings: dict):
+    """OUT/items.jsonl: the settings, then each item as soon as it is done. (its items by key, append(item) -> item)"""
+    (path := pathlib.Path(out, "items.jsonl")).touch()
+    os.truncate(path, path.read_bytes().rfind(b"\n") + 1)  # a crash mid-write leaves a line without its newline
+    def append(item):
+        with open(path, "a", encoding="utf-8") as f:  # closed, so flushed, before the next item starts
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        return item
+    lines = [r for _, r in data.read_jsonl(str(path))] or [append({"settings": settings})]
+    old = lines[0].get("settings", {})
+    differ = [f"{k} {old.get(k)!r} then, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+    refuse([(differ, f"{path} holds another command's items ({'; '.join(differ)}); pass another --out or delete it")])
+    return {it.get("key"): it for it in lines[1:]}, append
+
 def write_results(args, items: list[dict], aggregate: dict):
-    os.makedirs(args.out, exist_ok=True)
     result = dict(model=args.model, task=args.task, settings=vars(args), aggregate=aggregate, items=items,
                   torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     save_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=1, ensure_ascii=False))
@@ -288,13 +296,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
-def pyplot():
+def pyplot():  # pyplot drawing to files, or None without matplotlib
     try:
-        import matplotlib
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
     return plt
 
 def draw(out_dir: str, task: str, aggregate: dict):
@@ -306,7 +313,6 @@ def draw(out_dir: str, task: str, aggregate: dict):
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([b["end"] for b in aggregate["buckets"]], [b["ppl"] for b in aggregate["buckets"]], marker="o")
         ax.set(xlabel="position (end of bucket, tokens)", ylabel="perplexity", title="perplexity by position")
-        ax.grid(alpha=0.3)
     else:
         lengths, depths, scores = (aggregate["grid"][k] for k in ("lengths", "depths", "scores"))
         scores = np.array(scores, dtype=float)  # (depths, lengths)
@@ -323,7 +329,6 @@ def draw(out_dir: str, task: str, aggregate: dict):
     print(f"wrote {path}")
 
 def plot_saved(out_dir: str):
-    """Redraw the picture of an earlier run from its results.json (e.g. after installing matplotlib)."""
     path = os.path.join(out_dir, "results.json")
     refuse([(not os.path.isfile(path), f"{path} does not exist; run an evaluation with --out {out_dir} first"),
             (pyplot() is None, "matplotlib is not installed, so nothing can be drawn (pip install matplotlib)")])
@@ -334,8 +339,7 @@ def plot_saved(out_dir: str):
 # ---- the runs: build the samples, generate, score, aggregate, write
 def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], metric: str) -> dict:
     """niah, passkey: the mean of `metric` over the items (each counts once): in all, by length, by cell."""
-    def score(keep):
-        return mean(it["scores"][metric] for it in items if keep(it))
+    score = lambda keep: mean(it["scores"][metric] for it in items if keep(it))
     return {"score": score(lambda it: True), "metric": metric,
             "by_length": {format_length(n): score(lambda it: it["length"] == n) for n in lengths},
             "grid": {"lengths": lengths, "depths": depths,
@@ -343,23 +347,23 @@ def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], m
                                 for x in depths]}}
 
 def task_samples(args, tok):
-    """(the samples of niah, passkey or jsonl, built lazily; how many)."""
+    """((key, build() -> sample) of niah, passkey or jsonl, lazily; how many)."""
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens)
     if args.task == "jsonl":
         records = read_records(args.path)
-        return (make_jsonl_sample(tok, r, args.max_len, **options) for r in records), len(records)
+        return ((f"jsonl #{k} id {r['id']}", partial(make_jsonl_sample, tok, r, args.max_len, **options))
+                for k, r in enumerate(records)), len(records)
     haystack = data.build_token_file(args.haystack, tok, args.cache) if args.task == "niah" else None
     cells = [(n, x, i) for n in args.lengths for x in args.depths for i in range(args.samples)]
-    return (make_sample(args.task, tok, n, derive_seed(args.seed, args.task, n, x, i), depth=x, haystack=haystack,
-                        **options) for n, x, i in cells), len(cells)
+    return ((f"{args.task} {n} depth {x} #{i}", partial(make_sample, args.task, tok, n, derive_seed(
+        args.seed, args.task, n, x, i), depth=x, haystack=haystack, **options)) for n, x, i in cells), len(cells)
 
 def ruler_records(args, tok):
     """(length, task, RULER's records, built lazily) for every runnable task (ruler.py); the tasks
     that cannot run with the data given are named, once, with the reason."""
     sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
     args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
-    for task, why in args.skipped.items():
-        print(f"skipped {task}: it {why}")
+    print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
     words = ruler.load_words()
     return [(n, t, ruler.build(t, tok, n, args.samples, derive_seed(args.seed, t, n), sources, words, args.chat))
             for n in args.lengths for t in args.tasks if t not in args.skipped]
@@ -372,8 +376,7 @@ def prepare_ruler(args, tok):
         os.makedirs(folder, exist_ok=True)
         def write(tmp, records=records):
             with open(tmp, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         M.atomic_write(os.path.join(folder, "validation.jsonl"), write)
         save_text(os.path.join(folder, "meta.json"), json.dumps(dict(
             task=task, max_seq_length=n, tokens_to_generate=ruler.budget(task), samples=args.samples,
@@ -389,12 +392,14 @@ def ruler_table(items, lengths, tasks, skipped) -> dict:
         table[format_length(n)] = dict(scores, average=round(mean(scores.values()), 2), tasks=len(scores))
     return {"table": table, "skipped": skipped}
 
-def run_ruler(args, model, tok, d):
-    samples = (dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
-                    max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
-               for n, t, records in ruler_records(args, tok) for r in records)
-    runnable = len(args.tasks) - len(args.skipped)  # known once the generator's first iterable is built
-    items = generate_items(model, tok, samples, {}, d, "ruler", len(args.lengths) * runnable * args.samples)
+def run_ruler(args, model, tok, d, log):
+    sample = lambda n, t, r: dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
+                                  max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
+    done = lambda n, t: all(f"{t} {n} #{i}" in log[0] for i in range(args.samples))  # builds no record: slow at 1M
+    samples = ((f"{t} {n} #{i}", partial(sample, n, t, r)) for n, t, records in ruler_records(args, tok)
+               for i, r in enumerate([None] * args.samples if done(n, t) else records))
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler",
+                   total=len(args.lengths) * (len(args.tasks) - len(args.skipped)) * args.samples)  # skipped: set above
     if not d.is_main:
         return None
     for it in items:  # string_match_all, or string_match_part for qa
@@ -406,50 +411,49 @@ def run_ruler(args, model, tok, d):
     save_text(os.path.join(args.out, "ruler.md"), markdown_table(["length", *args.tasks, "average"], rows) + "\n")
     print(markdown_table(["length", *args.tasks, "average"], rows))
 
-def run_generation(args, model, tok, d):
+def run_generation(args, model, tok, d, log):
     samples, total = task_samples(args, tok)
     metrics = {name: METRICS[name] for name in SCORES[args.task]}
-    items = generate_items(model, tok, samples, metrics, d, args.task, total)
+    items = resume(log, lambda build: answer(model, tok, build(), metrics, d), samples, desc=args.task, total=total)
     if not d.is_main:  # the other ranks of a cp launch only helped generate
         return None
-    if args.task == "jsonl":  # each record counts once
-        aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics},
-                         truncated=sum(it["truncated"] for it in items), records=len(items))
-        write_results(args, items, aggregate)
+    jsonl = args.task == "jsonl"  # each record counts once
+    aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics}, truncated=sum(
+        it["truncated"] for it in items), records=len(items)) if jsonl else \
+        grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
+    write_results(args, items, aggregate)
+    if jsonl:
         print(f"jsonl: exact match {aggregate['exact_match']:.3f}, F1 {aggregate['f1']:.3f} over {len(items)} records "
               f"({aggregate['truncated']} cut in the middle to {format_length(args.max_len)} tokens)")
     else:
-        aggregate = grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
-        write_results(args, items, aggregate)
         draw(args.out, args.task, aggregate)
         print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
 
 @torch.no_grad()
-def run_ppl(args, model, tok, d):
-    """Perplexity by position: target position p (the p-th token, predicted from tokens 0..p-1) falls
-    in bucket p // (length / 16). Losses are summed over every token of every sequence before
-    dividing, so the headline and each bucket are token-weighted means (not means of means)."""
+def run_ppl(args, model, tok, d, log):
+    """Perplexity by position: target p (predicted from tokens 0..p-1) falls in bucket p // (length / 16). Losses
+    are summed over every token of every sequence before dividing: token-weighted means, not means of means."""
     length = max(args.lengths)
     bucket, rng, token_file = max(1, length // 16), random.Random(args.seed), data.build_token_file(args.data, tok, args.cache)
-    # documents that long (a seeded choice) or, when too few are, documents joined by blank lines
     long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
     chosen = rng.sample(long_docs, min(args.docs, len(long_docs)))
     sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen] + [
         (f"joined documents #{k}", take_haystack(token_file, tok, length, rng)) for k in range(args.docs - len(chosen))]
     if len(chosen) < args.docs:
-        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the other "
-              f"{args.docs - len(chosen)} sequences join shorter documents with blank lines")
+        print(f"note: only {len(long_docs)} documents reach {format_length(length)} tokens; the rest join shorter ones")
     n_buckets = math.ceil((length - 1) / bucket)
-    sums, counts, items = np.zeros(n_buckets), np.zeros(n_buckets, dtype=np.int64), []
-    for name, tokens in tqdm(sequences, desc="ppl", unit="doc", dynamic_ncols=True):
-        x = torch.tensor([tokens], device=model.output.weight.device)  # (1, T): position t predicts token t + 1
+    def doc_losses(named):
+        x = torch.tensor([named[1]], device=model.output.weight.device)  # (1, T): position t predicts token t + 1
         losses = model(x[:, :-1], labels=x[:, 1:], reduction="none")[0].double().cpu().numpy()  # (T - 1,)
-        index = np.arange(1, len(tokens)) // bucket
-        doc_sums, doc_counts = np.bincount(index, losses, n_buckets), np.bincount(index, minlength=n_buckets)
-        sums, counts = sums + doc_sums, counts + doc_counts
-        items.append({"doc": name, "tokens": len(tokens), "loss": losses.mean(), "ppl": math.exp(losses.mean()),
-                      "bucket_loss": [s / c if c else None for s, c in zip(doc_sums, doc_counts)],
-                      "bucket_tokens": doc_counts.tolist()})
+        index = np.arange(1, x.shape[1]) // bucket
+        sums, counts = np.bincount(index, losses, n_buckets), np.bincount(index, minlength=n_buckets)
+        return {"doc": named[0], "tokens": x.shape[1], "loss": losses.mean(), "ppl": math.exp(losses.mean()),
+                "bucket_loss": [s / c if c else None for s, c in zip(sums, counts)], "bucket_tokens": counts.tolist()}
+    items = resume(log, doc_losses, [(f"ppl {length} {name}", (name, tokens)) for name, tokens in sequences],
+                   desc="ppl", unit="doc")
+    # each bucket's loss sum from the items' means: the same numbers whether an item is new or read back
+    counts = np.sum([it["bucket_tokens"] for it in items], axis=0)  # (n_buckets,)
+    sums = np.sum([[x * c if c else 0.0 for x, c in zip(it["bucket_loss"], it["bucket_tokens"])] for it in items], 0)
     buckets = [{"start": b * bucket, "end": min((b + 1) * bucket, length), "tokens": int(counts[b]),
                 "loss": sums[b] / counts[b], "ppl": math.exp(sums[b] / counts[b])} for b in range(n_buckets) if counts[b]]
     loss = sums.sum() / counts.sum()
@@ -490,7 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def fill_defaults(args, window: int):
-    args.out = args.out or os.path.join("out", "eval", args.task)
     args.lengths = sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
                           else {max(256, window // k) for k in (8, 4, 2, 1)})
     args.max_len = rope.parse_size(args.max_len) if args.max_len else window
@@ -520,18 +523,30 @@ def main(argv=None) -> int:
             return plot_saved(args.path or "") or 0
         if args.task == "ppl" and max(world, args.cp) > 1:
             raise UserError("ppl has no context-parallel path; run it as one process, without torchrun")
+        check_cp_launch(args.cp, world)
+        args.out = args.out or os.path.join("out", "eval", args.task)
+        try:  # before any weight loads: a folder that cannot hold the results fails now, not hours later
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()  # a probe file, written and removed
+        except OSError as e:
+            raise UserError(f"--out {args.out} is not a writable folder ({e.strerror or e})") from None
         if args.task == "ruler" and args.prepare_only:  # the tokenizer alone; no process group, no weights
             tok = data.load_tokenizer(args.model)
-            fill_defaults(args, M.args_from_hf_config(M.read_hf_config(args.model)).max_seq_len)
+            fill_defaults(args, M.args_from_hf_config(M.read_hf_config(m := args.model), f"{m}/config.json").max_seq_len)
             return prepare_ruler(args, tok) or 0
-        check_cp_launch(args.cp, world)
+        settings = dict({k: v for k, v in vars(args).items() if k not in ("out", "cache")}, weights={
+            f.name: f.stat().st_mtime_ns for f in pathlib.Path(args.model).glob("*.safetensors")})
+        log = item_log(args.out, settings) if reporting else ({}, lambda item: item)  # a retrained model's times differ
         d = train.setup_distributed(args.cp)  # gloo on CPU, NCCL on cuda:LOCAL_RANK; one device without torchrun
+        if d.world > 1:  # every rank skips what rank 0's log holds
+            dist.broadcast_object_list(box := [log[0]], src=0)
+            log = box[0], log[1]
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if reporting else devnull), \
                 contextlib.redirect_stderr(sys.stderr if reporting else devnull):
             model, tok = load_model(args.model, args.dtype, d.device)
             fill_defaults(args, model.args.max_seq_len)
             args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
-            {"ppl": run_ppl, "ruler": run_ruler}.get(args.task, run_generation)(args, model, tok, d)
+            {"ppl": run_ppl, "ruler": run_ruler}.get(args.task, run_generation)(args, model, tok, d, log)
     except (UserError, FileNotFoundError) as e:
         if reporting:
             print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -396,6 +397,128 @@ def test_ruler_prepare_only_writes_rulers_layout_without_weights(tiny_dir, cache
     assert (tmp_path / "two" / "8K" / "vt" / "validation.jsonl").is_file()
 
 
-def test_ruler_refuses_unknown_tasks(tiny_dir, capsys):
-    assert E.main(["ruler", "--model", tiny_dir, "--prepare-only", "--tasks", "niah_single_1,nope"]) == 2
+def test_ruler_refuses_unknown_tasks(tiny_dir, tmp_path, capsys):
+    assert E.main(["ruler", "--model", tiny_dir, "--prepare-only", "--tasks", "niah_single_1,nope",
+                   "--out", str(tmp_path)]) == 2
     assert "--tasks: unknown {'nope'}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# an evaluation never loses finished work (issue 18)
+
+class Crash(Exception):
+    pass
+
+
+def count_calls(monkeypatch, owner, name, crash_after=None):
+    """Wraps owner.name to count its calls; with crash_after, the call after that many raises Crash."""
+    calls, real = [], getattr(owner, name)
+    def counted(*args, **kwargs):
+        if len(calls) == crash_after:
+            raise Crash
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def crash_and_resume(monkeypatch, tmp_path, argv, work, k, built=None):
+    """Runs argv whole; then into another --out crashing at the (k+1)-th call of `work` (owner, name), leaving a
+    half-written line, and again. The results must be the whole run's, the rerun doing no finished item's work
+    again. Returns (the whole run's results, the rerun's calls of work, of `built`)."""
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    with monkeypatch.context() as m:
+        total = count_calls(m, *work)
+        assert E.main([*argv, "--out", whole]) == 0
+    with monkeypatch.context() as m:
+        count_calls(m, *work, crash_after=k)
+        with pytest.raises(Crash):
+            E.main([*argv, "--out", part])
+    log = os.path.join(part, "items.jsonl")
+    assert len(open(log).readlines()) == 1 + k  # the settings, then each item as it finished
+    with open(log, "a") as f:
+        f.write('{"key": "niah 256 depth 1.0 #0", "predic')  # killed mid-write
+    with monkeypatch.context() as m:
+        again, builds = count_calls(m, *work), built and count_calls(m, *built)
+        assert E.main([*argv, "--out", part]) == 0
+    assert len(again) == len(total) - k
+    first, resumed = (json.load(open(os.path.join(out, "results.json"))) for out in (whole, part))
+    assert resumed["items"] == first["items"] and resumed["aggregate"] == first["aggregate"]
+    lines = [json.loads(line) for line in open(log).read().splitlines()]  # the fragment is gone
+    assert len(lines) == 1 + len(total) and [it["key"] for it in lines[1:]] == [it["key"] for it in first["items"]]
+    return first, again, builds
+
+
+def test_niah_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch, capsys):
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    argv = ["niah", "--model", str(model), "--cache", cache, "--lengths", "256,512", "--depths", "0,1",
+            "--max-new-tokens", "2"]
+    first, again, built = crash_and_resume(monkeypatch, tmp_path, argv, (E, "answer"), 3, (E, "make_sample"))
+    assert len(first["items"]) == 4 and len(built) == 1  # the 3 finished samples are not even built
+    assert os.path.getsize(tmp_path / "part" / "niah_heatmap.png") > 0
+    # the same --out with other settings: refused before the model loads, the log untouched
+    log = (tmp_path / "part" / "items.jsonl").read_text()
+    capsys.readouterr()
+    assert E.main([*argv, "--out", str(tmp_path / "part"), "--seed", "1", "--no-chat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'part' / 'items.jsonl'} holds another command's items "
+                          f"(seed 0 then, 1 now; chat True then, False now); pass another --out or delete it")
+    assert err.count("\n") == 1 and (tmp_path / "part" / "items.jsonl").read_text() == log
+    weights = model / "model.safetensors"  # retrained in place: the same command, other weights
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert E.main([*argv, "--out", str(tmp_path / "part")]) == 2
+    assert "items.jsonl holds another command's items (weights {'model.safetensors': " in capsys.readouterr().err
+
+
+def test_jsonl_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"context": f"doc {i} " * 20, "input": "which doc?", "answers": [f"doc {i}"],
+                                        "id": "same"}) + "\n" for i in range(3)))  # ids need not be unique
+    monkeypatch.setattr(M.Llama, "generate", lambda self, prompt, n, stop_ids=(): prompt[1:2])  # quick answers
+    first, _, _ = crash_and_resume(monkeypatch, tmp_path, ["jsonl", str(path), "--model", tiny_dir, "--cache", cache,
+                                                           "--max-new-tokens", "2"], (E, "answer"), 1)
+    assert first["aggregate"]["records"] == 3
+
+
+def test_ruler_resumes_and_builds_no_finished_task(tiny_dir, cache, tmp_path, monkeypatch):
+    argv = ["ruler", "--model", tiny_dir, "--cache", cache, "--lengths", "2K", "--tasks", "vt,niah_single_1",
+            "--samples", "2"]
+    # the tiny model's answers are not the point and take seconds each at 2K: the first prompt token instead
+    monkeypatch.setattr(M.Llama, "generate", lambda self, prompt, n, stop_ids=(): prompt[1:2])
+    # crashed in niah_single_1's second item: vt's records are not built again (RULER's length search is slow)
+    first, again, fits = crash_and_resume(monkeypatch, tmp_path, argv, (E, "answer"), 3, (ruler, "fit"))
+    assert len(first["items"]) == 4 and len(fits) == 1
+    assert [it["task"] for it in first["items"]] == ["vt", "vt", "niah_single_1", "niah_single_1"]
+
+
+def test_ppl_resumes_where_it_crashed(tiny_dir, cache, tmp_path, monkeypatch):
+    argv = ["ppl", "--model", tiny_dir, "--cache", cache, "--lengths", "256", "--docs", "3"]
+    first, again, _ = crash_and_resume(monkeypatch, tmp_path, argv, (M.Llama, "forward"), 2)
+    assert len(first["items"]) == 3 and len(again) == 1
+    check_ppl_is_token_weighted(first)
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "out"  # under a regular file: not even root can create it
+    for argv in (["niah"], ["ruler", "--prepare-only"]):  # the model does not exist: it is never read
+        assert E.main([*argv, "--model", str(tmp_path / "never-loaded"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: --out {out} is not a writable folder (Not a directory)\n"
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("hidden_size"), "config.json lacks 'hidden_size', which a Llama config needs"),
+    (lambda c: c.update(rope_scaling={"rope_type": "longrope", "factor": 4.0}),
+     "unsupported rope type 'longrope' in {path}/config.json; supported: default, llama3 and yarn")])
+def test_bad_config_is_one_sentence_naming_the_file(tiny_dir, tmp_path, change, words, capsys):
+    path = tmp_path / "model"
+    M.Llama.from_pretrained(tiny_dir).save_pretrained(str(path), tokenizer=data.builtin_tokenizer())
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    for argv in (["passkey"], ["ruler", "--prepare-only"]):
+        assert E.main([*argv, "--model", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}/config.json") or f"in {path}/config.json" in err
+        assert words.format(path=path) in err and err.count("\n") == 1
