@@ -169,3 +169,17 @@ def test_a_non_finite_loss_names_its_step(reference):
     assert result.returncode == 1
     step = len(metric_steps(out)) + 1  # the rows of the finite steps were written
     assert f") at step {step}; stopping without saving" in result.stdout + result.stderr
+
+
+def test_stage_1_skips_bad_records_with_skip_bad_and_counts_them_per_file(reference):
+    corpus = reference / "bad_corpus"
+    corpus.mkdir()
+    shutil.copy(reference / "corpus.jsonl", corpus / "good.jsonl")
+    (corpus / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "torn\n' + '{"no_text": 1}\n')
+    (corpus / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(4096))
+    cmd = [a if a != str(reference / "corpus.jsonl") else str(corpus) for a in train_cmd(reference, reference / "skip")]
+    result = launch([*cmd, "--steps", "1"], reference)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {corpus / 'bad.jsonl'} line 2: malformed JSON" in result.stderr and "pass --skip-bad" in result.stderr
+    result = run([*cmd, "--steps", "1", "--skip-bad"], reference)
+    assert f"skipped 3 bad records: {corpus / 'bad.jsonl'} 2, {corpus / 'image.bin'} 1" in result.stdout
