@@ -5,10 +5,8 @@ one idea: attention can be computed block by block if each block also returns th
 scores. Results over disjoint keys merge exactly,
     lse = log(exp(lse1) + exp(lse2)),   out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse),
 and the backward pass of a block only needs the FINAL out and lse of its query rows (FlashAttention's trick):
-dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse). Public functions take (batch, seq, heads, head_dim), k/v
-with their fewer heads (GQA), viewed head-major inside (a transpose, never a copy), never repeated before
-communication."""
-
+dS = P * (dP - rowsum(dO * O)), with P = exp(S - lse). Public functions take (batch, seq, heads, head_dim), k/v with
+their fewer heads (GQA), viewed head-major inside (a transpose, never a copy), never repeated before communication."""
 import math
 
 import torch
@@ -22,18 +20,15 @@ aten = torch.ops.aten
 # faster: at 128K tokens on an H200 (bf16, Llama 3.1 8B's heads), 4096 / 8192 / 16384 reached 0.83x / 0.92x /
 # 0.97x of fused SDPA (bench/README.md).
 DEFAULT_BLOCK_SIZE = 16384
+MATH_ROWS = 128  # query rows per step of the math path: (B, H, 128, Tk) fp32 scores = 256 MiB at 32 heads x 16K keys
 
-# Query rows per step of the math path: (B, H, 128, Tk) fp32 scores = 256 MiB at 32 heads x 16K keys
-MATH_ROWS = 128
-
-def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
+def reference_attention(q, k, v, causal=True, doc_ids=None):
     """Plain softmax attention, every score materialised (for tests). q (B, Tq, H, D), k/v (B, Tk, KV, D),
     doc_ids (B, Tk) or None; causal: the queries are the LAST Tq keys, query i sees key j iff j <= i + Tk - Tq.
     Returns out (B, Tq, H, D) in q's dtype and lse (B, H, Tq) fp32."""
     Tq, H, D, Tk, KV = *q.shape[1:], *k.shape[1:3]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     k, v = (x.repeat_interleave(H // KV, dim=2) for x in (k, v))  # copies: fine for a reference
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Tq, Tk)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
     same_doc = None if doc_ids is None else doc_ids[:, -Tq:, None] == doc_ids[:, None, :]
     visible = _visible_keys(Tq, Tk, causal, same_doc, q.device)  # (B or 1, Tq, Tk)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
@@ -43,8 +38,7 @@ def reference_attention(q, k, v, causal=True, doc_ids=None, scale=None):
 
 def _visible_keys(Tq, Tk, causal, mask, device):  # (B or 1, Tq, Tk) bool: True = may attend
     visible = torch.ones(1, Tq, Tk, dtype=torch.bool, device=device)
-    if causal:
-        visible = visible.tril(diagonal=Tk - Tq)
+    visible = visible.tril(diagonal=Tk - Tq) if causal else visible
     return visible if mask is None else visible & mask
 
 def _zeros32(x):
@@ -63,8 +57,7 @@ def attention_block_forward(q, k, v, scale, causal=False, mask=None):
     document mask (B, Tq, Tk) bool, or a device other than CPU or CUDA, takes the math path; else fused kernels."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_forward(q, k, v, scale, causal)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
     for rows, probs, rows_lse in _math_rows(q, k, scale, causal, mask):
         out[:, :, rows] = (probs @ v.float().unsqueeze(2)).flatten(1, 2)
         lse[:, :, rows] = rows_lse.flatten(1, 2)
@@ -75,8 +68,7 @@ def attention_block_backward(dout, q, k, v, out, lse, scale, causal=False, mask=
     (merged over all key blocks), so that the gradients of separate blocks simply add up, exactly."""
     if mask is None and q.device.type in ("cpu", "cuda"):
         return _fused_block_backward(dout, q, k, v, out, lse, scale, causal)
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = _zeros32(k), _zeros32(v)
+    dq, dk, dv = q.new_empty(q.shape, dtype=torch.float32), _zeros32(k), _zeros32(v)
     for rows, probs, _ in _math_rows(q, k, scale, causal, mask, lse):
         rows_dout = _grouped(dout, rows, k.shape[1])  # (B, KV, G, rows, D)
         dv += (probs.transpose(-1, -2) @ rows_dout).sum(dim=2)  # (B, KV, Tk, D)
@@ -106,7 +98,6 @@ def _grouped(x, rows, n_kv_heads):  # x[:, :, rows] (B, H, rows, ...) as (B, KV,
 # heads on 1 KV head, torch 2.13). CUDA: the kernel SDPA would pick, KV heads as they are. On Hopper, cuDNN:
 # FlashAttention-2, once called here by name, took 1.9x its time on the same H200 tiles, holding chunked attention
 # to half of SDPA's TFLOP/s (bench/README.md). Older GPUs: FlashAttention-2; fp32: memory-efficient, KV repeated.
-
 def _repeat_kv_heads(x, n_heads):  # (B, KV, T, D) -> (B, H, T, D): query head h uses KV head h // (H / KV)
     return x if x.shape[1] == n_heads else x.repeat_interleave(n_heads // x.shape[1], dim=1)
 
@@ -120,49 +111,43 @@ def _cuda_kernel(q, k, v, scale, causal):
     try:
         choice = SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal, scale=scale, enable_gqa=True))
     except RuntimeError:  # no SDPA kernel is allowed for these inputs (sdpa_kernel settings)
-        choice = SDPBackend.ERROR
-    if choice in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
-        return choice
-    return SDPBackend.EFFICIENT_ATTENTION
+        return SDPBackend.EFFICIENT_ATTENTION
+    fast = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+    return choice if choice in fast else SDPBackend.EFFICIENT_ATTENTION
 
 def _fused_block_forward(q, k, v, scale, causal):
     B, H, Tq = q.shape[:3]
-    if q.device.type == "cpu":
-        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    kernel = _cuda_kernel(q, k, v, scale, causal)
+    kernel = _cuda_kernel(q, k, v, scale, causal) if q.device.type == "cuda" else None  # None: the CPU kernel
     if kernel == SDPBackend.CUDNN_ATTENTION:
-        out, lse = aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
         return out, lse.reshape(B, H, Tq)  # cuDNN's lse has a trailing dimension of 1
     if kernel == SDPBackend.FLASH_ATTENTION:
         return aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
+    if kernel is None:
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[:, :, :Tq]  # the efficient kernel pads lse to a multiple of 32 rows
 
 def _fused_block_backward(dout, q, k, v, out, lse, scale, causal):
     H, Tq, KV, Tk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    if q.device.type == "cpu":
-        k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-        return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
+    kernel = _cuda_kernel(q, k, v, scale, causal) if q.device.type == "cuda" else None  # None: the CPU kernel
     # No dropout: the kernels' random-number state is never read (cuDNN wants it on the GPU).
-    no_rng = torch.empty((), dtype=torch.long)
-    kernel = _cuda_kernel(q, k, v, scale, causal)
+    no_rng = torch.empty((), dtype=torch.long, device=q.device if kernel == SDPBackend.CUDNN_ATTENTION else None)
     if kernel == SDPBackend.CUDNN_ATTENTION:
-        no_rng = torch.empty((), dtype=torch.long, device=q.device)
         return aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, Tq, Tk,
-            0.0, causal, scale=scale)
+            dout, q, k, v, out, lse.unsqueeze(-1), no_rng, no_rng, None, None, None, Tq, Tk, 0.0, causal, scale=scale)
     if kernel == SDPBackend.FLASH_ATTENTION:
         return aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, Tq, Tk, 0.0, causal, no_rng, no_rng, scale=scale)
     k, v = _repeat_kv_heads(k, H), _repeat_kv_heads(v, H)
-    lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)
+    if kernel is None:
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    else:
+        lse = torch.nn.functional.pad(lse, (0, -Tq % 32))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, _sum_kv_heads(dk, KV), _sum_kv_heads(dv, KV)
 
 def merge_partial_attention(out, lse, block_out, block_lse):
@@ -170,10 +155,8 @@ def merge_partial_attention(out, lse, block_out, block_lse):
     row that has seen no key has lse = -inf and out = 0; -inf on either side (or both) never makes a NaN:
     -inf minus -inf is exactly the bug public ring-attention code hit."""
     merged_lse = torch.logaddexp(lse, block_lse)  # logaddexp(-inf, -inf) = -inf, no NaN
-    reference = _finite_or_zero(merged_lse)
-    old_weight = torch.exp(lse - reference).unsqueeze(-1)  # exp(-inf) = 0 for an empty side
-    new_weight = torch.exp(block_lse - reference).unsqueeze(-1)
-    out.mul_(old_weight).addcmul_(block_out, new_weight)
+    reference = _finite_or_zero(merged_lse)  # exp(-inf - reference) = 0: an empty side weighs nothing
+    out.mul_(torch.exp(lse - reference)[..., None]).addcmul_(block_out, torch.exp(block_lse - reference)[..., None])
     lse.copy_(merged_lse)
 
 def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
@@ -197,7 +180,7 @@ def _attention_tiles(rows, cols, causal, block_size, q_doc=None, k_doc=None):
                     mask = None  # the documents hide nothing here (causality hides above)
             yield q_rows, k_cols, is_diagonal, mask
 
-def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None, block_size=DEFAULT_BLOCK_SIZE):
+def chunked_attention(q, k, v, causal=True, doc_ids=None, *, block_size=DEFAULT_BLOCK_SIZE):
     """Exact softmax attention on one device, in block_size x block_size tiles, fp32 accumulated: q (B, Tq, H, D),
     k, v (B, Tk, KV, D) -> (B, Tq, H, D) in q's dtype. causal with Tk > Tq: the queries are the last Tq keys
     (KV-cache prefill, decode). doc_ids (B, Tk) or None: a query sees only its own document. Skips tiles above
@@ -205,7 +188,7 @@ def chunked_attention(q, k, v, causal=True, doc_ids=None, *, scale=None, block_s
     _check_attention_inputs(q, k, v, doc_ids, block_size)
     if causal and k.shape[1] < q.shape[1]:
         raise ValueError(f"causal attention needs at least as many keys as queries ({k.shape[1]} < {q.shape[1]}).")
-    return _RingAttention.apply(q, k, v, doc_ids, None, 0, 1, causal, scale, block_size)
+    return _RingAttention.apply(q, k, v, doc_ids, None, 0, 1, causal, block_size)
 
 def _check_attention_inputs(q, k, v, doc_ids, block_size):
     if q.dim() != 4 or k.shape != v.shape or (q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]):
@@ -224,16 +207,13 @@ def _check_attention_inputs(q, k, v, doc_ids, block_size):
 # current one is computed: after P steps every query has met every key, and no rank holds more than two K/V
 # blocks at once. Rank r holds chunks (r, 2P-1-r); at step s, the block of rank src = (r - s) mod P, seen thus:
 #   src == r: its own chunks, causal within them (chunk 2P-1-r sees all of chunk r);
-#   src <  r: both query chunks come after KV chunk src and before KV chunk 2P-1-src,
-#             so all queries see the first half of the block;
+#   src <  r: both query chunks come after KV chunk src and before KV chunk 2P-1-src: all see the block's first half;
 #   src >  r: only query chunk 2P-1-r comes after the block's chunks, and it sees all of it.
 # Every step costs each rank the same (half a block of full attention), hence the balance.
-
 class RingExchange:
     """start([k, v, doc_ids]) sends to the next rank (None entries are not sent); wait() returns the previous
     rank's list. Sends are posted before receives in one batch_isend_irecv (no deadlock in gloo or NCCL, 2 ranks
     or more); each exchange has its own tag (gloo matches by tag): K/V and dK/dV in flight are never confused."""
-
     def __init__(self, group, rank, world_size, tag):
         self.group, self.world_size, self.tag = group, world_size, tag
         self.next, self.previous = (rank + 1) % world_size, (rank - 1) % world_size
@@ -280,11 +260,10 @@ class _RingAttention(torch.autograd.Function):
     """Forward: K/V blocks go around the ring once. Backward: again, each with the fp32 accumulator of its dK/dV
     one hop behind, which lands on the block's owner complete after the last step. Saves only q, k, v, out,
     lse (backward recomputes tiles); chunked_attention is a ring of one."""
-
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, group, rank, world_size, causal, scale, block_size):
+    def forward(ctx, q, k, v, doc_ids, group, rank, world_size, causal, block_size):
         B, Tq, H, D = q.shape
-        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        scale = 1.0 / math.sqrt(D)
         ctx.settings = group, rank, world_size, causal, scale, block_size
         out = _zeros32(q)  # (B, Tq, H, D), and lse (B, H, Tq): no key seen yet
         lse = torch.full((B, H, Tq), float("-inf"), dtype=torch.float32, device=q.device)
@@ -319,9 +298,9 @@ class _RingAttention(torch.autograd.Function):
                 dv_heads[:, :, cols] += tile_dv
             grad_exchange.start([block_dk, block_dv])
         dk, dv = grad_exchange.wait()  # our own block's accumulator, back with every rank's share
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 7
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * 6
 
-def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None, block_size=DEFAULT_BLOCK_SIZE):
+def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, block_size=DEFAULT_BLOCK_SIZE):
     """Exact attention over a sequence split across the P ranks of `group` (None: the default group), gloo or
     NCCL. q (B, T, H, D), k/v (B, T, KV, D), doc_ids (B, T): THIS rank's zigzag shard (its positions are
     zigzag_indices(P x T, rank, P)) -> its rows of the output (B, T, H, D), q's dtype, exact gradients."""
@@ -335,24 +314,19 @@ def ring_attention(q, k, v, group, causal=True, doc_ids=None, *, scale=None, blo
     if q.shape[1] != k.shape[1] or q.shape[1] % 2 != 0:
         raise ValueError(f"a zigzag shard of q, k and v holds two equal chunks, got lengths {q.shape[1]} and "
                          f"{k.shape[1]}: the sequence length must be divisible by 2 x cp = {2 * world_size}.")
-    return _RingAttention.apply(q, k, v, doc_ids, group, dist.get_rank(group), world_size, causal, scale,
-                                block_size)
+    return _RingAttention.apply(q, k, v, doc_ids, group, dist.get_rank(group), world_size, causal, block_size)
 
 # Causal attention is triangular: P consecutive pieces would give the last rank P times the work of the first.
 # 2P chunks, rank r holding chunks r and 2P-1-r, pair a cheap chunk with an expensive one: every rank does the
-# same work. Tokens, labels, positions and the loss mask are all split with this one permutation; RoPE uses the
-# positions a rank holds:
+# same work. Tokens, labels, positions and loss mask are split by this one permutation; RoPE uses a rank's positions:
 #     positions = zigzag_indices(seq_len, cp_rank, cp)  # [0, 1, 6, 7] on rank 0 of 2
-
 def zigzag_ranges(seq_len, rank, world_size):
-    """The two [start, stop) ranges of global positions held by `rank`: chunks rank and 2P-1-rank of 2P. The
-    one definition of the zigzag layout (data.Loader reads these ranges from disk)."""
+    """Global positions `rank` holds, as two [start, stop) ranges: the layout's one definition (data.Loader's too)."""
     n_chunks = 2 * world_size
     if seq_len % n_chunks != 0:
         raise ValueError(f"sequence length {seq_len} must be divisible by 2 x cp = {n_chunks} (zigzag sharding).")
     chunk = seq_len // n_chunks
     return [(i * chunk, (i + 1) * chunk) for i in (rank, n_chunks - 1 - rank)]
 
-def zigzag_indices(seq_len, rank, world_size):
-    """The global positions held by `rank`, in order: chunks rank and 2P-1-rank of 2P."""
+def zigzag_indices(seq_len, rank, world_size):  # zigzag_ranges as one tensor of positions, in order
     return torch.cat([torch.arange(*r) for r in zigzag_ranges(seq_len, rank, world_size)])

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import rope
 from attention import chunked_attention
@@ -88,8 +87,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.head_dim, self.wq = args.head_dim, nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk, self.wv = (nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False) for _ in range(2))
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.attention_fn = chunked_attention  # (q, k, v, causal, doc_ids) -> out; ring attention under cp
@@ -110,7 +108,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -130,7 +128,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     labels are -100, one chunk of logits at a time (fp32 logits of 128K tokens x 128256 vocab: 62 GiB);
     token_weights (N,) or None (1). Gradients of the sum w.r.t. h (N, D) and weight (V, D), if needed, are formed
     here from softmax - onehot (the logits' gradient) and saved (h-, weight-sized): backward recomputes nothing."""
-
     @staticmethod
     def forward(ctx, h, weight, labels, chunk_size: int, token_weights=None):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -166,11 +163,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.args, self.tok_embeddings = args, nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.norm, self.output = RMSNorm(args.dim, args.norm_eps), nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.source_dir = None  # where from_pretrained read it: tokenizer files are copied on save
@@ -190,8 +185,7 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             p.copy_(torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * std)
 
-    def hidden_states(self, tokens, positions=None, doc_ids=None, caches=None):
-        """Final normalised hidden states (B, T, dim)."""
+    def hidden_states(self, tokens, positions=None, doc_ids=None, caches=None):  # -> normalised (B, T, dim)
         if positions is None:  # (1, T), after the cached ones, broadcast over the batch
             start = caches[0].length if caches else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
@@ -360,10 +354,9 @@ def count_params(args: ModelArgs, embeddings: bool = True) -> int:
     total = args.n_layers * (attn + 3 * args.dim * args.ffn_dim + 2 * args.dim) + args.dim  # + the norms
     return total + (args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) if embeddings else 0)
 
-def flops_per_token(args: ModelArgs, seq_len: int, causal: bool = True) -> float:
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 per matmul parameter plus
-    attention's quadratic term 12 * layers * heads * head_dim * (average context)."""
+    attention's quadratic term 12 * layers * heads * head_dim * (average context: seq_len / 2, causal)."""
     matmul_params = count_params(args, embeddings=False) - args.n_layers * 2 * args.dim - args.dim
     matmul_params += args.vocab_size * args.dim  # the output head (the embedding lookup is free)
-    context = seq_len / 2 if causal else seq_len
-    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * context
+    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * (seq_len / 2)

@@ -69,11 +69,9 @@ def yarn_inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
     return 1.0 / (s.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
 def ntk_theta(s: RopeSettings, head_dim: int) -> float:
-    # NTK-aware: raise the base so the slowest dimension is stretched by s, the fastest barely
-    return s.theta * s.factor ** (head_dim / (head_dim - 2))
+    return s.theta * s.factor ** (head_dim / (head_dim - 2))  # NTK-aware: slowest wavelength x s, fastest barely
 
-def inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:
-    """The d/2 inverse frequencies, fp32, computed with transformers' operations in its order."""
+def inv_freq(s: RopeSettings, head_dim: int) -> torch.Tensor:  # (d/2,) fp32: transformers' operations, in its order
     if s.kind in ("llama3", "yarn"):
         return llama3_inv_freq(s, head_dim) if s.kind == "llama3" else yarn_inv_freq(s, head_dim)
     return default_inv_freq(ntk_theta(s, head_dim) if s.kind == "ntk" else s.theta, head_dim)
