@@ -217,6 +217,7 @@ def run(args):
     d = train.prepare(args)
     model = train.build_model(args, d, extend_rope=False)
     tok = train.model_tokenizer(args, model)
+    train.claim_out(args, d)
     tok.chat_template = tok.chat_template or data.LLAMA31_CHAT_TEMPLATE  # the export carries the one trained
     print0(d, f"model: {args.model or 'tiny preset'}, window {model.args.max_seq_len} kept, rope {model.args.rope}; "
               f"{args.steps} steps of {args.batch} x {args.max_len} tokens, lr {args.lr}")

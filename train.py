@@ -541,9 +541,7 @@ def prepare(args) -> Dist:
     if args.activation_checkpointing is None:
         args.activation_checkpointing = torch.cuda.is_available()
     torch.manual_seed(args.seed)
-    d = setup_distributed(args.cp)
-    claim_out(args, d)
-    return d
+    return setup_distributed(args.cp)
 
 def run(args):
     if args.tokenize_only:
@@ -553,6 +551,7 @@ def run(args):
     d = prepare(args)
     model = build_model(args, d)
     tokenizer = model_tokenizer(args, model)
+    claim_out(args, d)  # after the model loaded: a bad --model leaves no --out behind
     print0(d, f"model: {M.count_params(model.args) / 1e6:.1f}M parameters, ctx {args.ctx}, rope {model.args.rope}, "
               f"world {d.world} = dp {d.dp} x cp {d.cp}, {args.steps} steps of {args.batch} x {args.ctx} tokens")
     train(args, model, stage1_loader(args, tokenizer, d), tokenizer, d)
