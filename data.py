@@ -370,8 +370,7 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
     _remove_dead_builds(cache_dir, log)
     if os.path.isdir(out_dir):
         try:
-            token_file = TokenFile(out_dir)
-            log(f"reusing {token_file}")
+            log(f"reusing {(token_file := TokenFile(out_dir))}")
             return token_file
         except UserError as e:
             log(f"{e}; removing it and tokenizing again")
