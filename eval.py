@@ -38,8 +38,7 @@ JSONL_HEAD = "Read the following text and answer the question. Be very concise i
 def format_length(n: int) -> str:
     return next((f"{n // s}{x}" for x, s in (("M", 1 << 20), ("K", 1 << 10)) if n >= s and n % s == 0), str(n))
 
-def derive_seed(*parts) -> int:
-    """A seed for one item from everything that names it; independent of Python's hash()."""
+def derive_seed(*parts) -> int:  # one item's seed from everything that names it, independent of Python's hash()
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % (1 << 63)
 
 def mean(values) -> float:
@@ -51,9 +50,7 @@ def refuse(problems):  # raises the sentence of the first (condition, sentence) 
         if bad:
             raise UserError(sentence)
 
-# ---- scoring: SQuAD's exact match and token F1, RULER's string match
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+def normalize_answer(text: str) -> str:  # SQuAD's: lower case, no punctuation, no articles, single spaces
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
@@ -75,7 +72,6 @@ METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": string_ma
 SCORES = {"niah": ["exact_match", "string_match"], "passkey": ["string_match", "exact_match"],
           "jsonl": ["exact_match", "f1"]}  # the scores of each task; the first is its headline
 
-# ---- prompts: a needle in a haystack, or a JSONL record
 def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
     """(tokens, start, lead): format_chat's frame (or <|begin_of_text|> alone) around the message, then
     the answer prefix; the message's tokens begin at `start` and are tok.encode(lead + message)."""
@@ -172,7 +168,6 @@ def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tok
     return dict(task="jsonl", id=record["id"], tokens=tokens, max_new_tokens=budget, answers=record["answers"],
                 length=len(tokens) + budget, truncated=cut)
 
-# ---- the model side: loading, greedy answers, context parallel
 def load_model(path: str, dtype: str, device: torch.device):
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
@@ -268,7 +263,6 @@ def cp_generate(model, prompt, max_new_tokens, stop_ids=(), group=None, block_si
         model.set_attention(attention.chunked_attention)
     return out
 
-# ---- outputs
 def save_text(path: str, text: str):
     M.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
@@ -297,15 +291,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 def pyplot():  # pyplot drawing to files, or None without matplotlib
-    try:
+    with contextlib.suppress(ImportError):
         import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    plt.switch_backend("Agg")
-    return plt
+        plt.switch_backend("Agg")
+        return plt
 
-def draw(out_dir: str, task: str, aggregate: dict):
-    """The run's picture: perplexity by position (ppl) or a length x depth heatmap (red 0, green 1)."""
+def draw(out_dir: str, task: str, aggregate: dict):  # ppl by position, or a length x depth heatmap (red 0, green 1)
     if (plt := pyplot()) is None:
         return print(f"matplotlib is not installed, so no PNG was drawn; the numbers are in {out_dir}/results.json. "
                      f"Install it (pip install matplotlib) and run `python eval.py plot {out_dir}`.")
@@ -336,7 +327,6 @@ def plot_saved(out_dir: str):
     refuse([(result["task"] not in ("niah", "passkey", "ppl"), f"{path} is a {result['task']} run, which has no picture")])
     draw(out_dir, result["task"], result["aggregate"])
 
-# ---- the runs: build the samples, generate, score, aggregate, write
 def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], metric: str) -> dict:
     """niah, passkey: the mean of `metric` over the items (each counts once): in all, by length, by cell."""
     score = lambda keep: mean(it["scores"][metric] for it in items if keep(it))
@@ -346,8 +336,7 @@ def grid_aggregate(items: list[dict], lengths: list[int], depths: list[float], m
                      "scores": [[score(lambda it: (it["length"], it["depth"]) == (n, x)) for n in lengths]
                                 for x in depths]}}
 
-def task_samples(args, tok):
-    """((key, build() -> sample) of niah, passkey or jsonl, lazily; how many)."""
+def task_samples(args, tok):  # ((key, build() -> sample) of niah, passkey or jsonl, lazily; how many)
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens)
     if args.task == "jsonl":
         records = read_records(args.path)
@@ -359,8 +348,7 @@ def task_samples(args, tok):
         args.seed, args.task, n, x, i), depth=x, haystack=haystack, **options)) for n, x, i in cells), len(cells)
 
 def ruler_records(args, tok):
-    """(length, task, RULER's records, built lazily) for every runnable task (ruler.py); the tasks
-    that cannot run with the data given are named, once, with the reason."""
+    """(length, task, RULER's records, built lazily) per runnable task; the others are named once, with why."""
     sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
     args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
     print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
@@ -417,24 +405,23 @@ def run_generation(args, model, tok, d, log):
     items = resume(log, lambda build: answer(model, tok, build(), metrics, d), samples, desc=args.task, total=total)
     if not d.is_main:  # the other ranks of a cp launch only helped generate
         return None
-    jsonl = args.task == "jsonl"  # each record counts once
-    aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics}, truncated=sum(
-        it["truncated"] for it in items), records=len(items)) if jsonl else \
-        grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
+    if args.task == "jsonl":  # each record counts once
+        aggregate = dict({m: mean(it["scores"][m] for it in items) for m in metrics},
+                         truncated=sum(it["truncated"] for it in items), records=len(items))
+        write_results(args, items, aggregate)
+        return print(f"jsonl: exact match {aggregate['exact_match']:.3f}, F1 {aggregate['f1']:.3f} over {len(items)} "
+                     f"records ({aggregate['truncated']} cut in the middle to {format_length(args.max_len)} tokens)")
+    aggregate = grid_aggregate(items, args.lengths, args.depths, SCORES[args.task][0])
     write_results(args, items, aggregate)
-    if jsonl:
-        print(f"jsonl: exact match {aggregate['exact_match']:.3f}, F1 {aggregate['f1']:.3f} over {len(items)} records "
-              f"({aggregate['truncated']} cut in the middle to {format_length(args.max_len)} tokens)")
-    else:
-        draw(args.out, args.task, aggregate)
-        print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
+    draw(args.out, args.task, aggregate)
+    print(f"{args.task}: mean {aggregate['metric']} {aggregate['score']:.3f}")
 
 @torch.no_grad()
 def run_ppl(args, model, tok, d, log):
     """Perplexity by position: target p (predicted from tokens 0..p-1) falls in bucket p // (length / 16). Losses
     are summed over every token of every sequence before dividing: token-weighted means, not means of means."""
-    length = max(args.lengths)
-    bucket, rng, token_file = max(1, length // 16), random.Random(args.seed), data.build_token_file(args.data, tok, args.cache)
+    length, token_file = max(args.lengths), data.build_token_file(args.data, tok, args.cache)
+    bucket, rng = max(1, length // 16), random.Random(args.seed)
     long_docs = np.flatnonzero(token_file.lengths >= length).tolist()
     chosen = rng.sample(long_docs, min(args.docs, len(long_docs)))
     sequences = [(f"corpus document {i}", token_file.doc(i)[:length].tolist()) for i in chosen] + [
@@ -457,8 +444,7 @@ def run_ppl(args, model, tok, d, log):
     buckets = [{"start": b * bucket, "end": min((b + 1) * bucket, length), "tokens": int(counts[b]),
                 "loss": sums[b] / counts[b], "ppl": math.exp(sums[b] / counts[b])} for b in range(n_buckets) if counts[b]]
     loss = sums.sum() / counts.sum()
-    aggregate = {"loss": loss, "ppl": math.exp(loss), "length": length, "docs": len(sequences), "bucket": bucket,
-                 "buckets": buckets}
+    aggregate = dict(loss=loss, ppl=math.exp(loss), length=length, docs=len(sequences), bucket=bucket, buckets=buckets)
     write_results(args, items, aggregate)
     save_text(os.path.join(args.out, "ppl_by_position.csv"), "bucket_start,bucket_end,tokens,loss,ppl\n" + "".join(
         f"{b['start']},{b['end']},{b['tokens']},{b['loss']:.6f},{b['ppl']:.4f}\n" for b in buckets))
@@ -466,7 +452,6 @@ def run_ppl(args, model, tok, d, log):
     print(markdown_table(["positions", "ppl"], [[f"{format_length(b['start'])}-{format_length(b['end'])}",
                                                  f"{b['ppl']:.3f}"] for b in buckets]))
 
-# ---- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
     p.add_argument("task", choices=["niah", "passkey", "ruler", "ppl", "jsonl", "plot"])

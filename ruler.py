@@ -13,7 +13,7 @@ followed by a space) instead of nltk's punkt; adjective-noun keys are drawn as a
 noun (RULER draws from the set of all pairs: the same distribution but for the rare duplicates).
 """
 
-import gzip, json, math, os, random, re, uuid
+import gzip, itertools, json, math, os, random, re, uuid
 from collections.abc import Iterator
 
 from rope import UserError
@@ -57,8 +57,7 @@ TASKS = {"niah_single_1": ("niah", "noise", "words", "numbers", 1, 1, 1),
          "vt": ("vt",), "cwe": ("cwe",), "fwe": ("fwe",), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa")}
 SPECIAL = re.compile(r"(<\|(?:begin_of_text|start_header_id|end_header_id|eot_id)\|>)")
 
-def budget(task: str) -> int:
-    """The task's tokens_to_generate (constants.py), counted in the length."""
+def budget(task: str) -> int:  # the task's tokens_to_generate (constants.py), counted in the length
     return KINDS[TASKS[task][0]][2]
 
 def encode(tok, text: str) -> list[int]:
@@ -71,8 +70,7 @@ def load_words() -> dict[str, list[str]]:
     """ruler_words.txt.gz: the wonderwords lists RULER uses, and a large English list (see its header)."""
     words, section = {}, None
     with gzip.open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ruler_words.txt.gz"), "rt") as f:
-        for line in f:
-            line = line.rstrip()  # as wonderwords reads its lists
+        for line in map(str.rstrip, f):  # as wonderwords reads its lists
             if line.startswith("[") and line.endswith("]"):
                 section = words.setdefault(line[1:-1], [])
             elif section is not None and not line.startswith("#"):
@@ -82,16 +80,13 @@ def load_words() -> dict[str, list[str]]:
 def read_sources(haystack, squad, hotpotqa) -> dict:
     """The data RULER downloads, from the user's files: essays (.txt files, folders of them, or RULER's
     PaulGrahamEssays.json), SQuAD v2.0 dev JSON, HotpotQA dev distractor JSON. None: not given."""
-    essay = None
-    if haystack:
-        texts = []
-        for path in haystack:
-            files = sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns if n.endswith(".txt")) \
-                if os.path.isdir(path) else [path]
-            for file in files:
-                with open(file, encoding="utf-8") as f:
-                    texts.append(json.load(f)["text"] if file.endswith(".json") else f.read())
-        essay = re.sub(r"\s+", " ", " ".join(texts)).split(" ")  # RULER's haystack: a list of words
+    texts = []
+    for path in haystack or []:
+        for file in (sorted(os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns if n.endswith(".txt"))
+                     if os.path.isdir(path) else [path]):
+            with open(file, encoding="utf-8") as f:
+                texts.append(json.load(f)["text"] if file.endswith(".json") else f.read())
+    essay = re.sub(r"\s+", " ", " ".join(texts)).split(" ") if haystack else None  # RULER's haystack: a list of words
     return {"essay": essay, "squad": squad and read_qa(squad, "squad"),
             "hotpotqa": hotpotqa and read_qa(hotpotqa, "hotpotqa")}
 
@@ -124,7 +119,6 @@ def unavailable(task: str, sources: dict) -> str | None:
         return "needs essays for its haystack (--haystack: .txt files or folders, or PaulGrahamEssays.json)"
     if spec[0] == "qa" and sources[spec[1]] is None:
         return f"needs --{spec[1]} ({'SQuAD v2.0 dev' if spec[1] == 'squad' else 'HotpotQA dev distractor'} JSON)"
-    return None
 
 def draw(rng: random.Random, kind: str, words: dict) -> str:
     if kind == "numbers":
@@ -138,11 +132,8 @@ def insert_at_depths(rng, words: list[str], items: list[str]) -> str:
     depths drawn from DEPTHS (niah.py, variable_tracking.py)."""
     sentences = re.split(r"(?<=[.!?]) ", " ".join(words).strip())
     cuts = [0] + sorted(int(len(sentences) * d / 100) for d in rng.sample(DEPTHS, len(items))) + [len(sentences)]
-    parts = []
-    for i in range(1, len(cuts)):
-        parts.append(" ".join(sentences[cuts[i - 1]:cuts[i]]))
-        parts.extend(items[i - 1:i])
-    return " ".join(parts)
+    chunks = [" ".join(sentences[a:b]) for a, b in zip(cuts, cuts[1:])]  # one more than the items
+    return " ".join([x for chunk, item in zip(chunks, items) for x in (chunk, item)] + chunks[-1:])
 
 def make_niah(rng, n, spec, words, sources, seed, template):
     _, haystack, k_type, v_type, n_keys, n_values, n_queries = spec
@@ -152,9 +143,8 @@ def make_niah(rng, n, spec, words, sources, seed, template):
         values.append([draw(rng, v_type, words) for _ in range(n_values)])
         needles += [NEEDLE.format(type_needle_v=v_type, key=keys[-1], value=v) for v in values[-1]]
     random.Random(seed).shuffle(needles)
-    if haystack == "essay":
-        essay = sources["essay"]
-        context = insert_at_depths(rng, (essay * -(-n // len(essay)))[:n], needles)
+    if haystack == "essay":  # the first n words, the essays repeated as needed
+        context = insert_at_depths(rng, list(itertools.islice(itertools.cycle(sources["essay"]), n)), needles)
     else:
         lines = [NOISE] * n if haystack == "noise" else [
             NEEDLE.format(type_needle_v=v_type, key=draw(rng, k_type, words), value=draw(rng, v_type, words))
@@ -171,14 +161,14 @@ def make_niah(rng, n, spec, words, sources, seed, template):
         v_type = v_type[:-1]
     return template.format(type_needle_v=v_type, context=context, query=query), [v for i in picked for v in values[i]]
 
-def make_vt(rng, n, template, icl=False, value=None, hops=4):
+def make_vt(rng, n, template, icl=False, hops=4):
     """One chain of 5 variables (num_chains 1, num_hops 4) in the noise haystack. The one-shot
     example (icl) has 3-letter names and the value 12345 and carries no chat frame."""
     names = []
     while len(names) < hops + 1:
         name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=3 if icl else 5))
         names += [name] if name not in names else []
-    value = value or ("12345" if icl else str(rng.randint(10000, 99998)))
+    value = "12345" if icl else str(rng.randint(10000, 99998))
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)]
     lines = [NOISE] * n
     for j, at in enumerate(sorted(rng.sample(range(n), len(chain)))):
@@ -188,7 +178,6 @@ def make_vt(rng, n, template, icl=False, value=None, hops=4):
 
 def make_cwe(rng, n, length, words, seed, template):
     """A numbered list where 10 words appear often; one solved example first, framed like the task."""
-
     def example(n_words, common_repeats, uncommon_repeats):
         pool = words["cwe"] if n_words <= len(words["cwe"]) else words["english"]
         if n_words > len(pool):  # RULER draws from a 470K-word list there; ours holds 247K
@@ -203,8 +192,7 @@ def make_cwe(rng, n, length, words, seed, template):
     return shot + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer)) + "\n" + text, answer
 
 def make_fwe(rng, n_words, vocab_size, seed, template):
-    """Zipf-distributed 6-letter coded words (alpha 2); the top-ranked one is '...' (noise), the
-    answer is ranks 2-4."""
+    """Zipf-distributed 6-letter coded words (alpha 2); rank 1 is '...' (noise), the answer ranks 2-4."""
     vocab = set()
     while len(vocab) < vocab_size:
         vocab.add("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=6)))
@@ -221,7 +209,7 @@ def make_qa(rng, n_docs, question, qa, seed, template):
     q = qas[question % len(qas)]
     own, more = q["context"], q["more"]
     if n_docs >= len(docs):
-        chosen = (docs * -(-n_docs // len(docs)))[:n_docs]
+        chosen = list(itertools.islice(itertools.cycle(docs), n_docs))
     elif n_docs - len(own) > len(more):
         others = [i for i in range(len(docs)) if i not in set(own + more)]
         chosen = [docs[i] for i in own + more + rng.sample(others, n_docs - len(own) - len(more))]
@@ -235,8 +223,7 @@ def generator(task, tok, length, seed, sources, words, frame):
     """(make(n, i) -> (prompt, answers) for sample i with haystack size n, the step RULER searches
     the size in, the generation budget). frame: FRAME, or "{task_template}" (RULER's 'base')."""
     spec, rng = TASKS[task], random.Random(seed)
-    kind = KINDS[spec[0]]
-    template = frame.format(task_template=kind[0]) + kind[1]
+    template = frame.format(task_template=KINDS[spec[0]][0]) + KINDS[spec[0]][1]
     if spec[0] == "niah":
         step = 500 if spec[1] == "essay" else (5 if length < 4096 else 25)
         return (lambda n, i: make_niah(rng, n, spec, words, sources, seed, template)), step, NIAH[2]
@@ -244,7 +231,6 @@ def generator(task, tok, length, seed, sources, words, frame):
         shot, names = make_vt(rng, fit(lambda n, i: make_vt(rng, n, VT[0] + VT[1], True), tok, 500, 0, 5),
                               VT[0] + VT[1], True)
         shot += " " + " ".join(names) + "\n"
-
         def make_vt_with_shot(n, i):
             text, answer = make_vt(rng, n, template)
             example = shot
@@ -306,8 +292,7 @@ def build(task, tok, length, n_samples, seed, sources, words, chat=True) -> Iter
         yield {"index": i, "input": text[:cut], "outputs": answers, "length": tokens,
                "answer_prefix": text[cut:], "tokens_to_generate": budget}
 
-def postprocess(prediction: str) -> str:
-    """evaluate.py's postprocess_pred: stripped, control characters turned into newlines."""
+def postprocess(prediction: str) -> str:  # evaluate.py's postprocess_pred: control characters become newlines
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
 def item_score(task: str, prediction: str, references: list[str]) -> float:
@@ -316,6 +301,5 @@ def item_score(task: str, prediction: str, references: list[str]) -> float:
     found = [r.lower() in postprocess(prediction).lower() for r in references]
     return float(max(found)) if task.startswith("qa") else sum(found) / len(found)
 
-def task_score(task, predictions, references) -> float:
-    """A task's score as RULER reports it: the mean item score x 100, rounded to 2 decimals."""
+def task_score(task, predictions, references) -> float:  # as RULER reports it: mean item score x 100, 2 decimals
     return round(sum(map(item_score, [task] * len(predictions), predictions, references)) / len(predictions) * 100, 2)
