@@ -24,7 +24,7 @@ import rope, train
 from rope import UserError
 from train import print0
 
-SYNTHETIC_WORD = 2  # letters of the word to copy (answers never seen in training: the copy must generalise)
+SYNTHETIC_LETTERS, SYNTHETIC_RUN = "abcdefghijklmnopqrstuvwxyz", (12, 40)  # the answers; how often a prompt repeats one
 
 # --- Stage 2's data: chat records, formatted, blended by weight, packed into rows -------------------
 def _record_pieces(tok, record):
@@ -161,9 +161,9 @@ def fill_defaults(args):
     tiny = args.model is None or M.read_hf_config(args.model)["hidden_size"] <= 1024
     args.max_len = rope.parse_size(args.max_len or ("1K" if tiny else "8K"))
     args.ctx = args.max_len  # what the loop calls a sequence
-    args.lr = (5e-4 if tiny else 5e-6) if args.lr is None else args.lr
-    args.batch = (8 if tiny else 128) if args.batch is None else args.batch
-    args.steps = (40 if tiny else 150) if args.steps is None else args.steps  # paper: 480/140/150 (1M/2M/4M)
+    args.lr = (3e-3 if tiny else 5e-6) if args.lr is None else args.lr  # tiny: 5e-4, 1e-3 left the letter a guess
+    args.batch = (4 if tiny else 128) if args.batch is None else args.batch  # tiny: more, smaller steps, same tokens
+    args.steps = (80 if tiny else 150) if args.steps is None else args.steps  # paper: 480/140/150 (1M/2M/4M)
     if args.loss_weighting == "conversation" and args.cp > 1:
         raise rope.UserError("--loss-weighting conversation needs whole conversations on each process; use it "
                              "with --cp 1 (instruction tuning rows of 8K tokens need no context parallelism)")
@@ -173,14 +173,18 @@ def fill_defaults(args):
     return args
 
 def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dict]]:
-    """n SYNTHETIC conversations (made by code, not real chat data) for the CPU demo: copy a random
-    word of SYNTHETIC_WORD letters. split="test" draws from a held-out tenth of the words (by a hash),
-    so its answers never occur in split="train"; messages[-1]["content"] is the exact answer."""
+    """n SYNTHETIC conversations (made by code, not real chat data) for the CPU demo: name the letter a prompt
+    repeats ("Letter: qqqq..." -> "q"). Copying a 2-letter word, uppercasing a letter or naming the majority
+    letter of 24 stayed near chance in the tiny budget (one token to fetch is a head the 2-minute stage-1 model
+    lacks); a letter filling the prompt reaches the answer even through attention spread over the conversation.
+    split="test" keeps a hashed tenth of the 26 x 29 prompts, never in "train" (the 26 answers are shared:
+    chance 1/26); messages[-1]["content"] is the exact answer."""
     rng, out = random.Random(seed), []
     while len(out) < n:
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(SYNTHETIC_WORD))
-        if (hashlib.blake2b(word.encode(), digest_size=8).digest()[0] % 10 == 0) == (split == "test"):
-            out.append([{"role": "user", "content": f"Repeat: {word}"}, {"role": "assistant", "content": word}])
+        letter = rng.choice(SYNTHETIC_LETTERS)
+        prompt = "Letter: " + letter * rng.randint(*SYNTHETIC_RUN)
+        if (hashlib.blake2b(prompt.encode(), digest_size=8).digest()[0] % 10 == 0) == (split == "test"):
+            out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": letter}])
     return out
 
 def chat_sources(paths, seed):
@@ -230,10 +234,12 @@ def run(args):
     before = heldout_scores(model, tok, heldout) if check else None
     train.train(args, model, loader, tok, d)
     if check:
-        after = heldout_scores(model, tok, heldout)
+        after, chance = heldout_scores(model, tok, heldout), 1 / len(SYNTHETIC_LETTERS)  # a guessed letter
         print0(d, f"held-out synthetic prompts ({len(heldout)}): exact match {before['exact_match']:.0%} -> "
-                  f"{after['exact_match']:.0%}, answer loss {before['answer_loss']:.3f} -> {after['answer_loss']:.3f}")
-        report = json.dumps({"heldout_prompts": len(heldout), "before": before, "after": after}, indent=2)
+                  f"{after['exact_match']:.0%} (chance {chance:.0%}), answer loss {before['answer_loss']:.3f} -> "
+                  f"{after['answer_loss']:.3f}")
+        report = json.dumps({"heldout_prompts": len(heldout), "chance": chance, "before": before, "after": after},
+                            indent=2)
         M.atomic_write(os.path.join(args.out, "heldout.json"), lambda tmp: pathlib.Path(tmp).write_text(report))
 
 if __name__ == "__main__":

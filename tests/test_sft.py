@@ -1,6 +1,7 @@
 """sft.py: the loss covers the assistant's tokens only, averaged over the global batch; data
 parallelism and resuming change nothing; the export carries the chat template. Every run's working
 directory is a temporary one: sft.py without --model would take a user's out/train/hf from it."""
+import hashlib
 import json
 import os
 import shutil
@@ -172,13 +173,18 @@ def test_bad_records_stop_with_a_sentence_or_are_skipped_and_counted(chat_file, 
     assert "1 bad skipped" in result.stdout
 
 
-def test_synthetic_chat_is_deterministic_with_disjoint_exact_answers():
-    train_set, test_set = sft.synthetic_chat(300, seed=0), sft.synthetic_chat(50, seed=0, split="test")
-    assert train_set == sft.synthetic_chat(300, seed=0) and train_set != sft.synthetic_chat(300, seed=1)
-    assert not {c[-1]["content"] for c in train_set} & {c[-1]["content"] for c in test_set}
+def test_synthetic_chat_names_the_repeated_letter_and_holds_out_a_tenth_of_the_prompts():
+    """The demo's task as the README states it: "Letter: " and one letter 12 to 40 times, the answer that letter;
+    the held-out prompts are a fixed tenth of the 26 x 29 possible ones, never drawn for training."""
+    train_set, test_set = sft.synthetic_chat(4000, seed=0), sft.synthetic_chat(200, seed=1, split="test")
+    assert train_set == sft.synthetic_chat(4000, seed=0) and train_set != sft.synthetic_chat(4000, seed=1)
+    every = {"Letter: " + c * n for c in sft.SYNTHETIC_LETTERS for n in range(12, 41)}
+    test_prompts = {q["content"] for q, _ in test_set}
+    held = {p for p in every if hashlib.blake2b(p.encode(), digest_size=8).digest()[0] % 10 == 0}
+    assert len(every) == 26 * 29 and 50 <= len(held) <= 100 and test_prompts <= held
+    assert not {q["content"] for q, _ in train_set} & held and len(test_prompts) > 40
     for question, answer in train_set + test_set:
-        assert question["content"] == f"Repeat: {answer['content']}" and len(answer["content"]) == sft.SYNTHETIC_WORD
-
+        assert question["content"] in every and set(question["content"][8:]) == {answer["content"]}
 
 @pytest.mark.parametrize("args, message", [
     (["--max-len", "0"], "--max-len must be at least 1, not 0"),
