@@ -226,14 +226,13 @@ def run(args):
     print0(d, f"model: {args.model or 'tiny preset'}, window {model.args.max_seq_len} kept, rope {model.args.rope}; "
               f"{args.steps} steps of {args.batch} x {args.max_len} tokens, lr {args.lr}")
     dataset = ChatDataset(chat_sources(args.data, args.seed), tok, args.max_len, seed=args.seed,
-                               skip_bad=args.skip_bad, doc_mask=args.doc_mask, log=print if d.is_main else None)
+                          skip_bad=args.skip_bad, doc_mask=args.doc_mask, log=print if d.is_main else None)
     loader = data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
                          cp_size=d.cp, seed=args.seed)
     check = d.world == 1 and args.heldout > 0 and not args.resume
     heldout = synthetic_chat(args.heldout, seed=args.seed + 1, split="test") if check else []
     before = heldout_scores(model, tok, heldout) if check else None
-    train.train(args, model, loader, tok, d)
-    if check:
+    if train.train(args, model, loader, tok, d) and check:  # False: a signal stopped it
         after, chance = heldout_scores(model, tok, heldout), 1 / len(SYNTHETIC_LETTERS)  # a guessed letter
         print0(d, f"held-out synthetic prompts ({len(heldout)}): exact match {before['exact_match']:.0%} -> "
                   f"{after['exact_match']:.0%} (chance {chance:.0%}), answer loss {before['answer_loss']:.3f} -> "
