@@ -5,15 +5,12 @@
     torchrun --nproc_per_node 8 sft.py --model out/train/hf --data sharegpt.jsonl math.jsonl:0.5 --max-len 8K
 
 train.py's loop, distributed setup, checkpoints, metrics and export with other data: chat JSONL
-(`{"messages": [{"role", "content"}, ...]}` per line) or plain `{"prompt", "completion"}` records
-(no template; the end token trained too unless `"train_eos": false`), several files blended by
-weight (`path:weight`), formatted with the Llama 3.1 template and packed to --max-len. Labels are
--100 except on the assistant's tokens; the loop divides the summed token losses by the trained
-tokens of the whole global batch, so a short answer weighs as much as a token of a long one.
+(`{"messages": [{"role", "content"}, ...]}` per line) or plain `{"prompt", "completion"}` records,
+several files blended by weight (`path:weight`), formatted with the Llama 3.1 template and packed to
+--max-len; only the answers are trained (a token of a short answer weighs as much as one of a long one).
 The model's RoPE (YaRN from stage 1) and window are kept: short SFT does not undo the long window.
 """
-
-import hashlib, json, math, os, pathlib, random
+import hashlib, math, os, random
 
 import numpy as np
 import torch
@@ -71,10 +68,9 @@ def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not 
 
 class ChatDataset:
     """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
-    formatted as format_chat does and blended by weight (see _blend), are packed in order into padded rows
-    of at most max_len tokens, labels -100 but where format_chat's mask is True. A longer conversation is
-    truncated (skipped if no assistant token is left); a bad record raises UserError, or with skip_bad is
-    skipped (`stats` counts both)."""
+    blended by weight (see _blend), are packed in order into padded rows of max_len tokens, labels -100 but where
+    format_chat's mask is True. A longer conversation is truncated (skipped if no assistant token is left); a bad
+    record raises UserError, or with skip_bad is skipped (`stats` counts both)."""
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad, pieces, source_of = data.BadRecords(skip_bad), [], []
@@ -93,7 +89,6 @@ class ChatDataset:
                     bad(file, f"{where}: {e}")
         encoded = [x for i in range(0, len(pieces), 1024) for x in data.encode_pieces(tok, pieces[i : i + 1024])]
         lengths = np.array([len(tokens) for tokens, _ in encoded], dtype=np.int64)
-        too_long = lengths > max_len
         usable = np.array([any(mask[:max_len]) for _, mask in encoded], dtype=bool)
         if not usable.any():  # every record was bad or too long
             raise UserError(f"the chat sources hold no usable conversations: {bad.count} bad records skipped, "
@@ -105,7 +100,7 @@ class ChatDataset:
         self.blend = _blend([w for _, w in sources], np.array(source_of, dtype=np.int64), usable, seed)
         self.row_bounds = _next_fit(self.conv_lengths[self.blend], max_len)
         self.stats = {"conversations": len(pieces), "bad_skipped": bad.count, "blended": len(self.blend),
-                      "truncated": int((too_long & usable).sum()), "too_long_skipped": int((~usable).sum())}
+                      "truncated": int(((lengths > max_len) & usable).sum()), "too_long_skipped": int((~usable).sum())}
         if log:
             fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
             log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
@@ -154,8 +149,7 @@ def build_parser():
                                                            "(single process only; 0: skip)")
     return p
 
-def fill_defaults(args):
-    """The paper's stage 2 for a real model; scaled down for the tiny CPU demo."""
+def fill_defaults(args):  # the paper's stage 2 for a real model; scaled down for the tiny CPU demo
     if args.model is None and os.path.exists(os.path.join("out", "train", "hf", "config.json")):
         args.model = os.path.join("out", "train", "hf")  # what the default `python train.py` wrote
     tiny = args.model is None or M.read_hf_config(args.model)["hidden_size"] <= 1024
@@ -165,11 +159,9 @@ def fill_defaults(args):
     args.batch = (4 if tiny else 128) if args.batch is None else args.batch  # tiny: more, smaller steps, same tokens
     args.steps = (80 if tiny else 150) if args.steps is None else args.steps  # paper: 480/140/150 (1M/2M/4M)
     if args.loss_weighting == "conversation" and args.cp > 1:
-        raise rope.UserError("--loss-weighting conversation needs whole conversations on each process; use it "
-                             "with --cp 1 (instruction tuning rows of 8K tokens need no context parallelism)")
-    if args.heldout < 0:
-        raise rope.UserError(f"--heldout must be at least 0, not {args.heldout}")
-    train.check_flags(args, "--max-len")
+        raise UserError("--loss-weighting conversation needs whole conversations on each process; use it "
+                        "with --cp 1 (instruction tuning rows of 8K tokens need no context parallelism)")
+    train.check_flags(args, "--max-len", [("--heldout", args.heldout, 0)])
     return args
 
 def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dict]]:
@@ -187,22 +179,18 @@ def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dic
             out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": letter}])
     return out
 
-def chat_sources(paths, seed):
-    """[(source, weight)] from 'path[:weight]' arguments, or the built-in synthetic set."""
-    if not paths:
-        return [(synthetic_chat(4000, seed=seed, split="train"), 1.0)]
+def chat_sources(paths, seed):  # [(source, weight)] from 'path[:weight]' arguments, or the built-in synthetic set
     sources = []
-    for spec in paths:
+    for spec in paths or []:
         path, sep, weight = spec.rpartition(":")
         try:
             sources.append((path, float(weight)) if sep else (spec, 1.0))
         except ValueError:  # a colon that is part of the path
             sources.append((spec, 1.0))
-    return sources
+    return sources or [(synthetic_chat(4000, seed=seed, split="train"), 1.0)]
 
 @torch.no_grad()
-def heldout_scores(model, tok, conversations) -> dict:
-    """Exact match of greedy answers, and the mean loss on the reference answers' tokens."""
+def heldout_scores(model, tok, conversations) -> dict:  # exact match of greedy answers; mean loss on the answers
     model.eval()
     correct, loss_sum, loss_count = 0, 0.0, 0
     for messages in conversations:
@@ -227,19 +215,16 @@ def run(args):
               f"{args.steps} steps of {args.batch} x {args.max_len} tokens, lr {args.lr}")
     dataset = ChatDataset(chat_sources(args.data, args.seed), tok, args.max_len, seed=args.seed,
                           skip_bad=args.skip_bad, doc_mask=args.doc_mask, log=print if d.is_main else None)
-    loader = data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
-                         cp_size=d.cp, seed=args.seed)
     check = d.world == 1 and args.heldout > 0 and not args.resume
     heldout = synthetic_chat(args.heldout, seed=args.seed + 1, split="test") if check else []
     before = heldout_scores(model, tok, heldout) if check else None
-    if train.train(args, model, loader, tok, d) and check:  # False: a signal stopped it
+    if train.train(args, model, dataset, tok, d) and check:  # False: a signal stopped it
         after, chance = heldout_scores(model, tok, heldout), 1 / len(SYNTHETIC_LETTERS)  # a guessed letter
         print0(d, f"held-out synthetic prompts ({len(heldout)}): exact match {before['exact_match']:.0%} -> "
                   f"{after['exact_match']:.0%} (chance {chance:.0%}), answer loss {before['answer_loss']:.3f} -> "
                   f"{after['answer_loss']:.3f}")
-        report = json.dumps({"heldout_prompts": len(heldout), "chance": chance, "before": before, "after": after},
-                            indent=2)
-        M.atomic_write(os.path.join(args.out, "heldout.json"), lambda tmp: pathlib.Path(tmp).write_text(report))
+        M.write_json(os.path.join(args.out, "heldout.json"),
+                     {"heldout_prompts": len(heldout), "chance": chance, "before": before, "after": after})
 
 if __name__ == "__main__":
     train.main(run=run, parser=build_parser, defaults=fill_defaults)

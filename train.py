@@ -34,8 +34,7 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312}  # dense bf16, from the da
 PLAN_MFU, PLAN_GPU_MEMORY = 0.4, 80 * 2 ** 30  # --plan assumes 40% MFU and, away from a GPU, an 80 GiB H100
 
 # --- Command line ---------------------------------------------------------------------------------
-def common_parser(description: str) -> argparse.ArgumentParser:
-    """Options of the loop itself, shared by stage 1 (train.py) and stage 2 (sft.py)."""
+def common_parser(description: str) -> argparse.ArgumentParser:  # the loop's options: stage 1's and stage 2's
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", help="HF-layout model directory (absent: the tiny preset)")
     p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, hf/ export)")
@@ -71,31 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, help="world size for --plan (default: the current one)")
     return p
 
-def fill_defaults(args):
-    """The paper's stage 1 when --model is given; the same recipe scaled down for the tiny demo."""
+def fill_defaults(args):  # the paper's stage 1 when --model is given; the same recipe scaled down for the tiny demo
     tiny = args.model is None
     args.ctx = rope.parse_size(args.ctx or ("4K" if tiny else "1M"))
     args.original_window = rope.parse_size(args.original_window) if args.original_window else None
     args.lr = (1e-3 if tiny else 3e-5) if args.lr is None else args.lr
     args.batch = 2 if args.batch is None else args.batch
     tokens = rope.parse_size(args.tokens) if args.tokens else 10 ** 9  # the paper's 1B tokens
-    check_flags(args, "--ctx", [("--tokens", tokens), ("--original-window", args.original_window or 1)])
+    check_flags(args, "--ctx", [("--tokens", tokens, 1), ("--original-window", args.original_window or 1, 1)])
     if args.steps is None:
         args.steps = 32 if tiny and not args.tokens else math.ceil(tokens / (args.batch * args.ctx))
     return args
 
-def check_flags(args, ctx_flag: str, more=()):
-    """Refuses a bad value with a sentence naming the flag, before anything loads (`--ctx 4M --cp 3`)."""
+def check_flags(args, ctx_flag: str, more=()):  # a bad value refused, naming its flag, before anything loads
     world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
     steps = 1 if args.steps is None else args.steps  # None: train.py derives it from --tokens
-    for flag, value in [(ctx_flag, args.ctx), ("--cp", args.cp), ("--batch", args.batch), ("--world", world),
-                        ("--micro-batch", args.micro_batch), ("--steps", steps), *more]:
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, not {value}")
+    for flag, value, least in [(ctx_flag, args.ctx, 1), ("--cp", args.cp, 1), ("--batch", args.batch, 1),
+                               ("--world", world, 1), ("--micro-batch", args.micro_batch, 1), ("--steps", steps, 1),
+                               *more, ("--save-every", args.save_every, 0)]:  # more: (flag, value, least)
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, not {value}")
     if not args.lr > 0:
         raise UserError(f"--lr must be a positive number, not {args.lr}")
-    if args.save_every < 0:
-        raise UserError(f"--save-every must be at least 0, not {args.save_every}")
     if world % args.cp != 0:
         raise UserError(f"world size {world} is not divisible by --cp {args.cp}")
     if args.ctx % (2 * args.cp) != 0:
@@ -108,8 +104,7 @@ def check_flags(args, ctx_flag: str, more=()):
 
 # --- Distributed setup ----------------------------------------------------------------------------
 @dataclass
-class Dist:
-    """This process's place: rank of world = dp x cp, its device, its dp and cp coordinates and groups."""
+class Dist:  # this process's place: rank of world = dp x cp, its device, its dp and cp coordinates and groups
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
@@ -160,8 +155,7 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
         model = M.Llama(M.preset("tiny"))
         model.init_weights(seed=args.seed)
     if extend_rope:
-        model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, args.original_window,
-                                            *YARN_BETAS))
+        model.set_rope(rope.extend_settings(model.args.rope, args.ctx, args.rope, args.original_window, *YARN_BETAS))
         model.args.max_seq_len = args.ctx
     if d.cp > 1:
         model.set_attention(partial(attention.ring_attention, group=d.cp_group))
@@ -180,8 +174,7 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model.to(d.device)
 
-def model_tokenizer(args, model: M.Llama):
-    """The model's tokenizer; a tiny model takes the built-in one, whose bos/eos ids go into its config.json."""
+def model_tokenizer(args, model: M.Llama):  # a tiny model takes the built-in one; its bos/eos go into config.json
     tokenizer = data.load_tokenizer(args.model)
     if args.model is None:
         model.args.bos_id, model.args.eos_id = tokenizer.bos_id, list(tokenizer.stop_ids)
@@ -249,9 +242,8 @@ def lock_out(out: str, d: Dist):
         print(f"removing {tmp}: a save that a dead launch left unfinished")
         shutil.rmtree(tmp, ignore_errors=True)
 
-def checkpoint_dirs(out: str) -> list[str]:
-    """Complete checkpoints, oldest first. A directory still named *.tmp was never finished."""
-    paths = glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*[0-9]"))  # not step_N.tmp
+def checkpoint_dirs(out: str) -> list[str]:  # complete checkpoints, oldest first (a step_N.tmp was never finished)
+    paths = glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*[0-9]"))
     return sorted(p for p in paths if os.path.exists(os.path.join(p, "trainer_state.json")))
 
 def pick_checkpoint(args, d: Dist) -> str | None:
@@ -304,17 +296,15 @@ def sharded_state(path: str, model, optimizer, d: Dist, load: bool = False):
     if load:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
-def disk_full(e: BaseException, path: str) -> bool:
-    """Is this failure a full disk? torch's zip writer reports one as `unexpected pos 704 vs 598`."""
+def disk_full(e: BaseException, path: str) -> bool:  # torch's zip writer says `unexpected pos 704 vs 598`
     codes = {getattr(x, "errno", None) for x in (e, e.__cause__, e.__context__)}
     while not os.path.exists(path):  # the nearest folder that exists is on the same disk
         path = os.path.dirname(os.path.abspath(path))
     return bool(codes & {errno.ENOSPC, errno.EDQUOT}) or shutil.disk_usage(path).free < DISK_FULL
 
 def save_checkpoint(out: str, step: int, model, optimizer, loader, args, d: Dist):
-    """Every rank writes its own shards (no rank gathers the model) into step_N.tmp; rank 0 adds the
-    trainer state with each file's size and CRC-32, renames the directory once all ranks have finished,
-    then prunes to KEEP (and drops checkpoints past this step: a resumed-from-older run replaced them)."""
+    """Every rank writes its own shards (no rank gathers the model) into step_N.tmp; rank 0 adds the trainer
+    state with each file's size and CRC-32, renames the directory once all ranks have finished, then prunes."""
     final = os.path.join(out, "checkpoints", f"step_{step:08d}")
     tmp = final + ".tmp"
     if d.is_main:
@@ -341,13 +331,12 @@ def save_checkpoint(out: str, step: int, model, optimizer, loader, args, d: Dist
         shutil.rmtree(final, ignore_errors=True)  # a resumed-from-older run saves this step again
         os.replace(tmp, final)
         dirs = checkpoint_dirs(out)
-        steps_of = {c: int(c.rsplit("_", 1)[1]) for c in dirs}
+        steps_of = {c: int(c.rsplit("_", 1)[1]) for c in dirs}  # a later step: an older resume replaced it
         for old in [c for c in dirs if steps_of[c] > step] + [c for c in dirs if steps_of[c] <= step][:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
 
-def load_checkpoint(args, model, optimizer, loader, d: Dist) -> int:
-    """Restores args.resume's checkpoint; returns its step (0 without one). A longer --steps is allowed."""
+def load_checkpoint(args, model, optimizer, loader, d: Dist) -> int:  # restores args.resume; returns its step, or 0
     if not args.resume:
         return 0
     sharded_state(args.resume, model, optimizer, d, load=True)
@@ -360,8 +349,7 @@ def load_checkpoint(args, model, optimizer, loader, d: Dist) -> int:
            f"{get_lr(start, args):.3g}, not {get_lr(start, before):.3g}"))
     return start
 
-def export_hf(model, out: str, tokenizer, d: Dist):
-    """Consolidated HF-layout export: transformers and vLLM load it as a normal Llama."""
+def export_hf(model, out: str, tokenizer, d: Dist):  # consolidated HF layout: transformers and vLLM load it as a Llama
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
@@ -430,7 +418,6 @@ def print_plan(args, world: int):
     step_s = flops / (world * peak * PLAN_MFU)
     print(f"  step of {args.batch} x {args.ctx:,} tokens: {flops:.2e} FLOPs, ~{step_s:,.0f} s at {PLAN_MFU:.0%} MFU "
           f"({peak / 1e12:.0f} TFLOP/s per GPU); {args.steps} steps: ~{step_s * args.steps * world / 3600:,.0f} GPU-hours")
-    return plan
 
 # --- The loop (stage 1 and stage 2) ---------------------------------------------------------------
 def loss_divisor(micro_batches: list[dict], args, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,11 +456,13 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.T
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
-def train(args, model, loader, tokenizer, d: Dist):
+def train(args, model, dataset, tokenizer, d: Dist):
     """Runs args.steps optimizer steps from args.resume's checkpoint (or step 0), exports, leaves the group.
     SIGTERM (what SLURM and Kubernetes send before the kill) or SIGUSR1 (SLURM's --signal): every rank
     finishes its step, a checkpoint is saved, and the launch ends cleanly; the same command continues."""
     from tqdm import tqdm
+    loader = data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
+                         cp_size=d.cp, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=1e-8)
     start = load_checkpoint(args, model, optimizer, loader, d)
     stop = []  # the signal that asked this rank to stop
@@ -520,24 +509,20 @@ def train(args, model, loader, tokenizer, d: Dist):
     return not stopping
 
 # --- Stage 1's data, and the entry point sft.py shares ---------------------------------------------
-def stage1_loader(args, tokenizer, d: Dist):
+def stage1_data(args, tokenizer, d: Dist) -> data.PackedDataset:
     """Rank 0 tokenizes the corpus once (the others wait, then reuse its token file); every rank samples
-    the same documents by length, packs them with the separator and takes its shard."""
-    log = print if d.is_main else (lambda *a, **k: None)
+    the same documents by length and packs them with the separator."""
+    log = print if d.is_main else None
     if not d.is_main:
         barrier(d)
     token_file = data.build_token_file(args.data, tokenizer, args.cache, skip_bad=args.skip_bad, log=log)
     if d.is_main:
         barrier(d)
     order = data.sample_by_length(token_file, args.data_steps * args.batch * args.ctx, args.seed, log=log)
-    dataset = data.PackedDataset(token_file, order, args.ctx, data.separator_ids(tokenizer, args.separator))
-    return data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
-                       cp_size=d.cp, seed=args.seed)
+    return data.PackedDataset(token_file, order, args.ctx, data.separator_ids(tokenizer, args.separator))
 
-def prepare(args) -> Dist:
-    """The device's defaults, the seed, then the process group. Shared by stage 1 and stage 2."""
-    if args.dtype is None:
-        args.dtype = "bf16" if torch.cuda.is_available() else "fp32"
+def prepare(args) -> Dist:  # the device's defaults, the seed, the process group; stages 1 and 2
+    args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.activation_checkpointing is None:
         args.activation_checkpointing = torch.cuda.is_available()
     torch.manual_seed(args.seed)
@@ -554,7 +539,7 @@ def run(args):
     claim_out(args, d)  # after the model loaded: a bad --model leaves no --out behind
     print0(d, f"model: {M.count_params(model.args) / 1e6:.1f}M parameters, ctx {args.ctx}, rope {model.args.rope}, "
               f"world {d.world} = dp {d.dp} x cp {d.cp}, {args.steps} steps of {args.batch} x {args.ctx} tokens")
-    train(args, model, stage1_loader(args, tokenizer, d), tokenizer, d)
+    train(args, model, stage1_data(args, tokenizer, d), tokenizer, d)
 
 def main(argv=None, run=run, parser=build_parser, defaults=fill_defaults):
     """A user's mistake, or a full disk anywhere (token cache, metrics, export), is one sentence and exit 2."""
