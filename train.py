@@ -471,8 +471,7 @@ def train(args, model, dataset, tokenizer, d: Dist):
     accum, stopping = args.batch // (d.dp * args.micro_batch), False
     flops_per_step = M.flops_per_token(model.args, args.ctx) * args.batch * args.ctx
     peak = peak_flops(d.device, DTYPES[args.dtype])
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    batches = iter(loader)
+    metrics, batches = os.path.join(args.out, "metrics.jsonl"), iter(loader)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not d.is_main, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -491,10 +490,11 @@ def train(args, model, dataset, tokenizer, d: Dist):
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-        stopping = all_reduce_sum(torch.tensor(float(len(stop)), device=d.device), d).item() > 0
-        if step + 1 < args.steps and (stopping or args.save_every and (step + 1) % args.save_every == 0):
+        # every rank stops after the same step (a signal during the last one changes nothing)
+        stopping = step + 1 < args.steps and all_reduce_sum(torch.tensor(float(len(stop)), device=d.device), d) > 0
+        if stopping or step + 1 < args.steps and args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.out, step + 1, model, optimizer, loader, args, d)
-        if stopping and step + 1 < args.steps:
+        if stopping:
             break
     bar.close()
     if stopping:
