@@ -165,12 +165,9 @@ def fill_defaults(args):  # the paper's stage 2 for a real model; scaled down fo
     return args
 
 def synthetic_chat(n: int, seed: int = 0, split: str = "train") -> list[list[dict]]:
-    """n SYNTHETIC conversations (made by code, not real chat data) for the CPU demo: name the letter a prompt
-    repeats ("Letter: qqqq..." -> "q"). Copying a 2-letter word, uppercasing a letter or naming the majority
-    letter of 24 stayed near chance in the tiny budget (one token to fetch is a head the 2-minute stage-1 model
-    lacks); a letter filling the prompt reaches the answer even through attention spread over the conversation.
-    split="test" keeps a hashed tenth of the 26 x 29 prompts, never in "train" (the 26 answers are shared:
-    chance 1/26); messages[-1]["content"] is the exact answer."""
+    """n SYNTHETIC conversations (made by code) for the CPU demo: name the letter a prompt repeats ("Letter: qqqq..."
+    -> "q"; README: what stayed at chance). split="test" keeps a hashed tenth of the 26 x 29 prompts, never in "train"
+    (the 26 answers are shared: chance 1/26); messages[-1]["content"] is the exact answer."""
     rng, out = random.Random(seed), []
     while len(out) < n:
         letter = rng.choice(SYNTHETIC_LETTERS)

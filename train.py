@@ -25,8 +25,7 @@ BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
 YARN_BETAS = (4.0, 1.0)  # (beta_fast, beta_slow): the paper's YaRN beta = 4, alpha = 1 (RECIPE.md)
 KEEP = 2  # complete checkpoints kept: the newest, and one more in case the newest is unreadable
 DISK_FULL = 64 * 2 ** 20  # bytes free under which a failed write is taken for a full disk
-# What may change between the launches of one run (a requeue on other nodes, a longer schedule);
-# any other option differing from --out's run.json means another run.
+# What may change between the launches of one run; any other option unlike --out's run.json: another run
 RELAUNCH_FREE = {"out", "resume", "steps", "tokens", "save_every", "compile", "activation_checkpointing", "cache",
                  "skip_bad", "plan", "world", "tokenize_only", "cp", "micro_batch", "heldout"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -267,7 +266,6 @@ def pick_checkpoint(args, d: Dist) -> str | None:
     if candidates:
         raise UserError(f"every checkpoint in {os.path.join(args.out, 'checkpoints')} is damaged; "
                         "pass --resume PATH to pick one, or use another --out")
-    return None
 
 def file_sums(path: str, d: Dist) -> dict[str, list[int]]:
     """{file: [bytes, CRC-32]} of a checkpoint's shard files. Rank r reads every world-th file, so all
@@ -344,9 +342,9 @@ def load_checkpoint(args, model, optimizer, loader, d: Dist) -> int:  # restores
     loader.load_state_dict(saved["loader"])
     torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
     start, before = saved["step"], argparse.Namespace(**{**vars(args), "steps": saved["steps"]})
-    print0(d, f"resumed from {args.resume} at step {start}" + ("" if before.steps == args.steps else
-           f"; the schedule now ends at step {args.steps}, not {before.steps}: lr at step {start + 1} is "
-           f"{get_lr(start, args):.3g}, not {get_lr(start, before):.3g}"))
+    print0(d, f"resumed from {args.resume} at step {start}" + ("" if before.steps == args.steps else f"; the schedule "
+           f"now ends at step {args.steps}, not {before.steps}: lr at step {start + 1} is {get_lr(start, args):.3g}, "
+           f"not {get_lr(start, before):.3g}"))
     return start
 
 def export_hf(model, out: str, tokenizer, d: Dist):  # consolidated HF layout: transformers and vLLM load it as a Llama
@@ -465,7 +463,7 @@ def train(args, model, dataset, tokenizer, d: Dist):
                          cp_size=d.cp, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=1e-8)
     start = load_checkpoint(args, model, optimizer, loader, d)
-    stop = []  # the signal that asked this rank to stop
+    stop = []  # signals received here; all ranks stop after the same step (a signal in the last one: no stop)
     for number in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(number, lambda n, frame: stop.append(signal.Signals(n).name))
     accum, stopping = args.batch // (d.dp * args.micro_batch), False
@@ -490,7 +488,6 @@ def train(args, model, dataset, tokenizer, d: Dist):
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-        # every rank stops after the same step (a signal during the last one changes nothing)
         stopping = step + 1 < args.steps and all_reduce_sum(torch.tensor(float(len(stop)), device=d.device), d) > 0
         if stopping or step + 1 < args.steps and args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.out, step + 1, model, optimizer, loader, args, d)
