@@ -1,8 +1,8 @@
 """What verifying checkpoints costs: train.py records each shard file's size and CRC-32 when it saves,
 and checks them when it resumes. This saves a state of --gib GiB (fp32 tensors shaped like a layer's
 weights and AdamW moments) with torch.distributed.checkpoint as train.py does, then times file_sums on
-it, and prints the ratio of the two and what it means for Llama-3.1-8B (96 GiB per checkpoint: fp32
-weights and two AdamW moments, 12 bytes per parameter, spread over the ranks).
+it, and prints the ratio of the two and what it means for Llama-3.1-8B (8.03e9 parameters x 12 bytes:
+fp32 weights and two AdamW moments, 89.7 GiB per checkpoint, spread over the ranks).
 
     python bench/bench_checkpoint.py --gib 2
 """
@@ -41,7 +41,7 @@ def main():
           f"file_sums {sums_s:.2f} s ({gib / sums_s:.2f} GiB/s, files in the page cache as right after a save)")
     print(f"checksums / save = {sums_s / save_s:.2f}")
     for world in (8, 64):
-        per_rank = 96 / world
+        per_rank = 8.03e9 * 12 / 2 ** 30 / world
         print(f"Llama-3.1-8B on {world} ranks: {per_rank:.1f} GiB per rank, checksums ~{per_rank / (gib / sums_s):.1f} s "
               f"per save and per resume at this rate")
 
