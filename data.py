@@ -27,13 +27,11 @@ IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy defau
 BATCH_KEYS = ("tokens", "labels", "positions", "doc_ids")
 
 # --- Tokenizer ------------------------------------------------------------------------------------
-# Llama 3's 256 special tokens, numbered 256..511 by the built-in tokenizer.
 LLAMA3_NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                "<|eot_id|>", "<|eom_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>"]
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>" for i in range(248)]
 BUILTIN_VOCAB_SIZE = 256 + len(LLAMA3_SPECIAL_TOKENS)  # 512: the model's `tiny` preset
-# Llama-3.1-8B-Instruct's chat template is data, written into tokenizer_config.json on export;
-# format_chat produces its tokens in Python (tests render it with transformers and compare).
+# Llama-3.1-8B-Instruct's chat template, exported in tokenizer_config.json; format_chat makes its tokens in Python.
 LLAMA31_CHAT_TEMPLATE = pathlib.Path(__file__).with_name("chat_template.jinja").read_text(encoding="utf-8")
 
 def _builtin_backend():  # a real `tokenizers` byte-level BPE, no merges: byte b is id b, specials 256..511
@@ -60,8 +58,7 @@ class Tokenizer:
         self.chat_template = config.get("chat_template")
         text = backend.to_str()  # the whole tokenizer.json
         self.identity = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        # the built-in tokenizer's ids ARE the UTF-8 bytes: skipping the library is ~100x faster (tests compare)
-        self._bytes_are_ids = text == _BUILTIN_JSON
+        self._bytes_are_ids = text == _BUILTIN_JSON  # byte b is id b: skipping the library is ~100x faster
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         def first_id(*names):  # the first one in the vocabulary; a config may write an AddedToken dict
             ids = [backend.token_to_id(n.get("content") if isinstance(n, dict) else n) for n in names if n]
@@ -126,9 +123,8 @@ def load_tokenizer(model_dir):
 
 # --- Chat formatting: Llama 3.1's template in Python ----------------------------------------------
 def chat_pieces(tok, messages, add_generation_prompt):
-    """The template's output as pieces, (special token id or text, trainable), each text encoded on its
-    own (the header's "\\n\\n" too: Llama 3's pre-tokenizer splits it from the stripped content anyway).
-    The assistant's content is trainable, and so is its <|eot_id|> (the model learns to stop)."""
+    """The template's output as (special token id or text, trainable) pieces, each text encoded on its own
+    (the header's "\\n\\n" too: Llama 3's pre-tokenizer splits it from the stripped content anyway)."""
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' is not a non-empty list")
     for j, m in enumerate(messages):
@@ -170,9 +166,9 @@ def encode_pieces(tok, conversations):  # (tokens, mask) per conversation, all e
     return out
 
 def format_chat(tok, messages, add_generation_prompt=False):
-    """Llama 3.1 chat formatting: (tokens, mask), mask True on the assistant's content + <|eot_id|>.
-    The tokens of `apply_chat_template` with Llama 3.1's template (or Llama 3's: no system preamble),
-    with one deliberate difference: special-token strings typed inside a message stay plain text."""
+    """Llama 3.1 chat formatting: (tokens, mask), mask True on the assistant's content and its <|eot_id|> (the
+    model learns to stop). The tokens of `apply_chat_template` with Llama 3.1's template (or Llama 3's: no system
+    preamble), with one deliberate difference: special-token strings typed inside a message stay plain text."""
     return encode_pieces(tok, [chat_pieces(tok, messages, add_generation_prompt)])[0]
 
 # --- Stage 1: files -> documents ------------------------------------------------------------------
@@ -213,8 +209,7 @@ class BadRecords:
         return head + "".join(f"\n  skipped: {example}" for example in self.examples)
 
 def read_jsonl(path, bad=None):
-    """Yields (line_number, record) for each JSON object line of a .jsonl (or .jsonl.gz) file: the one
-    JSONL reader. A bad line raises UserError naming file and line, or goes to `bad` and is skipped."""
+    """(line_number, record) per JSON object line of a .jsonl(.gz) file; a bad line raises, or goes to `bad`."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -245,8 +240,7 @@ def _read_text(path, bad):  # a whole file's text, or None when it is binary or 
         return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
 
 def read_records(path, bad):
-    """(where, record) for each object of a JSONL file, or of a .json file's JSON array (what the `datasets`
-    library's to_json(lines=False) writes), `where` naming the file and its line or record (from 0)."""
+    """(where, record) per object of a JSONL file, or of a .json file's array (`datasets`' to_json(lines=False))."""
     if not path.endswith((".json", ".json.gz")):
         return ((f"{path} line {n}", record) for n, record in read_jsonl(path, bad))
     try:
@@ -333,9 +327,7 @@ def write_token_file(out_dir, batches, stats=dict):
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return TokenFile(out_dir)
 
-def _remove_dead_builds(cache_dir, log):
-    """Removes the temporary directories of this host's builds that were killed (SIGKILL, out of memory):
-    their pid runs no more. Another host's, and a live process's (a run still tokenizing), stay."""
+def _remove_dead_builds(cache_dir, log):  # the tmp dirs of this host's killed builds (SIGKILL, OOM); others stay
     mine = re.compile(rf".+\.tmp-{re.escape(os.uname().nodename)}-(\d+)-[0-9a-f]+")  # see write_token_file
     for owner in filter(None, map(mine.fullmatch, os.listdir(cache_dir))):
         try:
@@ -358,9 +350,8 @@ def _encode_batches(documents, tok):  # (text, domain) pairs -> write_token_file
         yield *tok.encode_flat([t for t, _ in batch]), [d for _, d in batch]
 
 def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
-    """Tokenizes a corpus into `cache_dir`, or reuses the token file of an identical earlier run (the key covers
-    the files' paths, sizes and mtimes and the tokenizer; a damaged one is rebuilt). paths: files, directories
-    and globs (see _documents); None: the built-in corpus, whose few non-UTF-8 files are skipped."""
+    """Tokenizes a corpus into `cache_dir`, or reuses an identical earlier run's token file (a damaged one is
+    rebuilt). paths: files, directories and globs; None: the built-in corpus, whose few non-UTF-8 files are skipped."""
     builtin, log = paths is None, log or (lambda message: None)
     files = builtin_corpus_files() if builtin else expand_inputs(paths)
     key = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
@@ -385,10 +376,9 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
 
 # --- Stage 1: length-based sampling ---------------------------------------------------------------
 def sample_by_length(token_file, budget_tokens, seed, log=print):
-    """Document indices (int64, in order) sampled by length up to `budget_tokens`: a document's expected
-    copies are proportional to its rate, DOWN_RATE below SHORT_DOC tokens, UP_RATE above LONG_DOC, else 1.
-    Each domain's copies are drawn (seeded) and cut at its share of the corpus's tokens; the domains are
-    then shuffled together and cut at the budget (the total exceeds it by less than one document)."""
+    """Document indices (int64, in order) sampled by length up to `budget_tokens`, a document's expected copies
+    proportional to its rate. Each domain's copies are drawn (seeded) and cut at its share of the corpus's tokens;
+    the domains are then shuffled together and cut at the budget (the total exceeds it by less than one document)."""
     if budget_tokens <= 0:
         raise UserError(f"the token budget must be positive, not {budget_tokens}")
     lengths, domains, n_domains = token_file.lengths, token_file.domains, len(token_file.domain_names)
@@ -410,8 +400,7 @@ def sample_by_length(token_file, budget_tokens, seed, log=print):
             extra = rng.choice(docs, size=max(16, len(docs) // 16), p=rate[docs] / rate[docs].sum())
             chosen = np.concatenate([chosen, extra])
         picked.append(chosen[: np.searchsorted(np.cumsum(lengths[chosen]), domain_budget) + 1])
-    order = np.concatenate(picked)
-    rng.shuffle(order)
+    order = rng.permutation(np.concatenate(picked))
     order = order[: np.searchsorted(np.cumsum(lengths[order]), budget_tokens) + 1]
     if log:  # what the sampling did: documents and token shares by length, before and after
         def by_length(x):
@@ -439,12 +428,11 @@ def _count_up(n):  # 0..n-1, kept: copying it is ~2x faster than computing it fo
     return np.arange(n)
 
 class PackedDataset:
-    """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each
-    followed by the separator: a document longer than what is left continues in the next sequence,
-    whose first input is i's last label, so every stream token but the first is a label exactly once.
-    The last, partial sequence is padded (token 0, labels -100, doc_ids -1). doc_ids:
-    the index in `doc_order` (the separator belongs to its document); positions: 0..ctx-1, or with
-    doc_mask the offset since the document (or the sequence) began. A read holds one sequence only."""
+    """Sequence i = stream[i*ctx : i*ctx + ctx + 1], the stream being the sampled documents, each followed by the
+    separator: a document longer than what is left continues in the next sequence, whose first input is i's last
+    label, so every stream token but the first is a label exactly once. The last, partial sequence is padded (token 0,
+    labels -100, doc_ids -1). doc_ids: the index in `doc_order` (the separator belongs to its document); positions:
+    0..ctx-1, or with doc_mask the offset since the document (or the sequence) began. A read holds one sequence only."""
     def __init__(self, token_file, doc_order, ctx, sep_ids, doc_mask=False):
         self.token_file, self.ctx, self.doc_mask = token_file, ctx, doc_mask
         self.sep = np.asarray(sep_ids, dtype=np.uint32)
@@ -454,8 +442,7 @@ class PackedDataset:
         # doc_starts[k]: where document k starts in the stream; doc_starts[-1]: the stream's length.
         self.doc_starts = np.concatenate([[0], np.cumsum(self.doc_lengths + len(self.sep))])
         self.stream_len = int(self.doc_starts[-1])
-        # A sequence needs ctx+1 stream tokens; the stream's first token is never a label.
-        self.n_sequences = -(-(self.stream_len - 1) // ctx)
+        self.n_sequences = -(-(self.stream_len - 1) // ctx)  # ceil(labels / ctx): the first stream token is no label
         if self.n_sequences <= 0:
             raise UserError(f"the sampled stream ({self.stream_len} tokens) holds no label to learn")
 
@@ -493,21 +480,18 @@ class PackedDataset:
                     positions[filled:end] -= max(0, int(self.doc_starts[k]) - seq_start)
                 filled, k = filled + take, k + 1
         real = min(have, n)  # inputs that come from the stream
-        tokens[:real], tokens[real:] = raw[:real], 0  # padding: any id does, its labels are -100
+        tokens[:real], tokens[real:], doc_ids[real:] = raw[:real], 0, -1  # padding: any id does, its labels are -100
         labels[: max(have - 1, 0)], labels[max(have - 1, 0) :] = raw[1:have], IGNORE_INDEX
-        doc_ids[real:] = -1
         if self.doc_mask:  # and the padding counts from 0
             positions[real:] -= start + real
         return out
 
 # --- Loader ---------------------------------------------------------------------------------------
 class Loader:
-    """Batches for one (data-parallel, context-parallel) rank, epoch after epoch, deterministic given the seed.
-    Every step takes the next batch_size * dp_size sequences of the epoch's permutation (seeded by seed and
-    epoch); data-parallel rank r gets the r-th run of batch_size, each sequence cut to (and reading only) the
-    context-parallel rank's zigzag chunks. An epoch's last step is filled with its first sequences: every rank
-    takes the same number of steps, together they see every sequence. state_dict() after a batch resumes at
-    the next one."""
+    """Batches for one (data-parallel, context-parallel) rank, epoch after epoch. Every step takes the next
+    batch_size * dp_size sequences of the epoch's permutation (seeded by seed and epoch); dp rank r gets the r-th run
+    of batch_size, each sequence cut to (and reading only) the cp rank's zigzag chunks. An epoch's last step is
+    filled with its first sequences: every rank takes the same number of steps, together they see every sequence."""
     def __init__(self, dataset, batch_size, dp_rank=0, dp_size=1, cp_rank=0, cp_size=1, seed=0):
         if dataset.ctx % (2 * cp_size):
             raise UserError(f"sequence length {dataset.ctx} must be divisible by 2 x cp = {2 * cp_size}")
