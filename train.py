@@ -5,8 +5,7 @@
 
 One flat loop (nanoGPT-style), which sft.py runs too, parallelised with what PyTorch ships: torchrun, a
 (dp, cp) DeviceMesh, FSDP2 `fully_shard` per layer over all ranks, per-layer activation checkpointing,
-and ring attention (attention.py) on the cp sub-group.
-"""
+and ring attention (attention.py) on the cp sub-group."""
 import argparse, errno, fcntl, glob, json, math, os, pathlib, resource, shutil, signal, socket, sys, time, warnings, zlib
 from dataclasses import dataclass
 from functools import partial
@@ -200,8 +199,8 @@ def get_lr(step: int, args) -> float:
 
 # --- The output folder: one run per --out, one launch at a time; checkpoints verified on load ---------
 def claim_out(args, d: Dist):
-    """One command line serves the first launch and every requeue. Rank 0 locks --out; its run.json tells
-    this run from another (refused). args.resume becomes the newest good checkpoint, or None: start fresh."""
+    """One command line for the first launch and every requeue: rank 0 locks --out, whose run.json tells this run
+    from another (refused); args.resume becomes the newest good checkpoint, or None (start fresh)."""
     run_file, metrics = os.path.join(args.out, "run.json"), os.path.join(args.out, "metrics.jsonl")
     if d.is_main:
         lock_out(args.out, d)
@@ -225,8 +224,7 @@ def claim_out(args, d: Dist):
     barrier(d)
 
 def lock_out(out: str, d: Dist):
-    """flock, which the kernel releases when its holder dies (even by SIGKILL), in a file naming the
-    holder for whoever is refused. Under the lock, what a dead launch left unfinished is removed."""
+    """An flock (the kernel frees it when its holder dies, even by SIGKILL) on a file naming the holder."""
     os.makedirs(out, exist_ok=True)
     d.lock = open(os.path.join(out, "lock"), "a+")
     try:
@@ -246,9 +244,8 @@ def checkpoint_dirs(out: str) -> list[str]:  # complete checkpoints, oldest firs
     return sorted(p for p in paths if os.path.exists(os.path.join(p, "trainer_state.json")))
 
 def pick_checkpoint(args, d: Dist) -> str | None:
-    """--resume PATH, which must be good; or (auto) the newest good one in --out, a damaged one being named
-    and skipped; or None: start fresh. Good: every file has the size and CRC-32 recorded when it was saved
-    (a torn or bit-flipped shard would otherwise load, and surface later as NaNs)."""
+    """--resume PATH, which must be good, or (auto) the newest good one in --out (a damaged one is named and skipped),
+    or None. Good: every file has its saved size and CRC-32 (a torn or bit-flipped shard would load as NaNs later)."""
     candidates = checkpoint_dirs(args.out)[::-1] if args.resume == "auto" else [args.resume]
     for path in candidates:
         try:
@@ -268,8 +265,7 @@ def pick_checkpoint(args, d: Dist) -> str | None:
                         "pass --resume PATH to pick one, or use another --out")
 
 def file_sums(path: str, d: Dist) -> dict[str, list[int]]:
-    """{file: [bytes, CRC-32]} of a checkpoint's shard files. Rank r reads every world-th file, so all
-    ranks check a checkpoint in parallel (zlib's CRC-32: ~7 GiB/s on one core; the disk is the limit)."""
+    """{file: [bytes, CRC-32]} of a checkpoint's shards, rank r reading every world-th file (CRC-32: ~7 GiB/s)."""
     mine = {}
     for name in sorted(n for n in os.listdir(path) if n != "trainer_state.json")[d.rank :: d.world]:
         with open(os.path.join(path, name), "rb") as f:
@@ -455,9 +451,8 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], divisor: torch.T
     return loss, grad_norm
 
 def train(args, model, dataset, tokenizer, d: Dist):
-    """Runs args.steps optimizer steps from args.resume's checkpoint (or step 0), exports, leaves the group.
-    SIGTERM (what SLURM and Kubernetes send before the kill) or SIGUSR1 (SLURM's --signal): every rank
-    finishes its step, a checkpoint is saved, and the launch ends cleanly; the same command continues."""
+    """args.steps optimizer steps from args.resume's checkpoint (or 0), then the export. SIGTERM (SLURM's and
+    Kubernetes' warning before the kill) or SIGUSR1 (SLURM's --signal): save after this step and end cleanly."""
     from tqdm import tqdm
     loader = data.Loader(dataset, args.micro_batch, dp_rank=d.dp_rank, dp_size=d.dp, cp_rank=d.cp_rank,
                          cp_size=d.cp, seed=args.seed)
