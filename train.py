@@ -249,7 +249,7 @@ def pick_checkpoint(args, d: Dist) -> str | None:
     candidates = checkpoint_dirs(args.out)[::-1] if args.resume == "auto" else [args.resume]
     for path in candidates:
         try:
-            expected = json.loads(pathlib.Path(path, "trainer_state.json").read_text())["files"]
+            expected = json.loads(pathlib.Path(path, "trainer_state.json").read_text()).get("files", {})
             got = file_sums(path, d)
             problem = next((f"{name} is {got.get(name, 'missing')} but {sums} (bytes, CRC-32) was saved"
                             for name, sums in expected.items() if got.get(name) != sums), None)
