@@ -212,8 +212,7 @@ def claim_out(args, d: Dist):
             f"--{k.replace('_', '-')} {saved.get(k)} there, {mine[k]} here" for k in differ)
         raise UserError(f"{args.out} holds the checkpoints of another run ({what}): use another --out, or "
                         f"delete {os.path.join(args.out, 'checkpoints')} to start over there")
-    args.resume = pick_checkpoint(args, d)
-    state = json.loads(pathlib.Path(args.resume, "trainer_state.json").read_text()) if args.resume else {}
+    args.resume, state = pick_checkpoint(args, d)
     if state.get("step", 0) > args.steps:
         raise UserError(f"--steps {args.steps} is below the step of {args.resume} ({state['step']})")
     args.data_steps = saved["steps"] if args.resume and not differ else args.steps  # the data's token budget
@@ -243,26 +242,26 @@ def checkpoint_dirs(out: str) -> list[str]:  # complete checkpoints, oldest firs
     paths = glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*[0-9]"))
     return sorted(p for p in paths if os.path.exists(os.path.join(p, "trainer_state.json")))
 
-def pick_checkpoint(args, d: Dist) -> str | None:
+def pick_checkpoint(args, d: Dist) -> tuple[str | None, dict]:
     """--resume PATH, which must be good, or (auto) the newest good one in --out (a damaged one is named and skipped),
-    or None. Good: every file has its saved size and CRC-32 (a torn or bit-flipped shard would load as NaNs later)."""
+    or None; with its trainer state. Good: every file has its saved size and CRC-32 (a torn shard loads as NaNs)."""
     candidates = checkpoint_dirs(args.out)[::-1] if args.resume == "auto" else [args.resume]
     for path in candidates:
         try:
-            expected = json.loads(pathlib.Path(path, "trainer_state.json").read_text()).get("files", {})
-            got = file_sums(path, d)
+            state, got = json.loads(pathlib.Path(path, "trainer_state.json").read_text()), file_sums(path, d)
             problem = next((f"{name} is {got.get(name, 'missing')} but {sums} (bytes, CRC-32) was saved"
-                            for name, sums in expected.items() if got.get(name) != sums), None)
+                            for name, sums in state.get("files", {}).items() if got.get(name) != sums), None)
         except (OSError, ValueError, KeyError) as e:
             problem = f"its trainer_state.json is unreadable ({type(e).__name__}: {e})"
         if problem is None:
-            return path
+            return path, state
         if args.resume != "auto":
             raise UserError(f"checkpoint {path} is damaged: {problem}")
         print0(d, f"warning: skipping checkpoint {path}, which is damaged: {problem}")
     if candidates:
         raise UserError(f"every checkpoint in {os.path.join(args.out, 'checkpoints')} is damaged; "
                         "pass --resume PATH to pick one, or use another --out")
+    return None, {}
 
 def file_sums(path: str, d: Dist) -> dict[str, list[int]]:
     """{file: [bytes, CRC-32]} of a checkpoint's shards, rank r reading every world-th file (CRC-32: ~7 GiB/s)."""
