@@ -1,7 +1,11 @@
-"""Long-context evaluation: needle in a haystack, passkey, RULER, perplexity by position, JSONL benchmarks.
+"""Long-context evaluation: needle in a haystack, passkey, RULER, InfiniteBench, LV-Eval, perplexity by position.
 
     python eval.py niah    --model out/train/hf --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1   (or passkey)
     python eval.py ruler   --model DIR --lengths 128K --haystack essays/ --squad SQUAD --hotpotqa HOTPOT [--prepare-only]
+    python eval.py ruler   --model DIR --data RULER/synthetic/131072/data   (RULER's own validation.jsonl files)
+    python eval.py infinitebench --model DIR --data InfiniteBench/ [--tasks passkey,kv_retrieval] [--prepare-only]
+    python eval.py lveval  --model DIR --data LVEval/ [--lengths 16k,32k] [--tasks factrecall_en]
+    python eval.py lveval  --score preds/*.jsonl     (predictions made elsewhere, in the benchmark's own files)
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -12,7 +16,7 @@ answer prefix) plus the generation budget. Every run writes OUT/results.json: se
 per item (prediction and scores, never the prompt) and the aggregate. Each item is also appended to
 OUT/items.jsonl as soon as it is done: the same command, run again, continues where it stopped.
 """
-import argparse, collections, contextlib, hashlib, json, math, os, pathlib, random, re, string, sys, tempfile, time
+import argparse, contextlib, hashlib, json, math, os, pathlib, random, sys, tempfile, time
 from functools import partial
 
 import numpy as np
@@ -20,8 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import attention, data, rope, ruler, train
+import attention, data, longbench, rope, ruler, train
 import model as M
+from longbench import normalize_answer, token_f1
 from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens
@@ -50,24 +55,14 @@ def refuse(problems):  # raises the sentence of the first (condition, sentence) 
         if bad:
             raise UserError(sentence)
 
-def normalize_answer(text: str) -> str:  # SQuAD's: lower case, no punctuation, no articles, single spaces
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
 def exact_match(prediction: str, answers: list[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
-
-def token_f1(prediction: str, answers: list[str]) -> float:
-    """Best bag-of-words F1 against the references (SQuAD, LongBench, InfiniteBench's qa_f1)."""
-    predicted = collections.Counter(normalize_answer(prediction).split())
-    references = [collections.Counter(normalize_answer(a).split()) for a in answers]
-    # F1 = 2PR / (P + R) = 2 x common words / (predicted words + reference words)
-    return max(2 * (predicted & r).total() / max(predicted.total() + r.total(), 1) for r in references)
 
 def string_match(prediction: str, answers: list[str]) -> float:
     """RULER's string_match_all: the fraction of references in the prediction, case-insensitive substrings."""
     return sum(a.lower() in prediction.lower() for a in answers) / len(answers)
 
+BENCHES = ("infinitebench", "lveval")  # longbench.py: their own prompts, cuts, budgets and scorers
 METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": string_match}
 SCORES = {"niah": ["exact_match", "string_match"], "passkey": ["string_match", "exact_match"],
           "jsonl": ["exact_match", "f1"]}  # the scores of each task; the first is its headline
@@ -267,6 +262,14 @@ def save_text(path: str, text: str):
     M.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     print(f"wrote {path}")
 
+def write_jsonl(path: str, records):  # one record a line, streamed: a benchmark's prompts can take gigabytes
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    M.atomic_write(path, write)
+    print(f"wrote {path}")
+
 def item_log(out: str, settings: dict):
     """OUT/items.jsonl: the settings, then each item as soon as it is done. (its items by key, append(item) -> item)"""
     (path := pathlib.Path(out, "items.jsonl")).touch()
@@ -281,8 +284,8 @@ def item_log(out: str, settings: dict):
     refuse([(differ, f"{path} holds another command's items ({'; '.join(differ)}); pass another --out or delete it")])
     return {it.get("key"): it for it in lines[1:]}, append
 
-def write_results(args, items: list[dict], aggregate: dict):
-    result = dict(model=args.model, task=args.task, settings=vars(args), aggregate=aggregate, items=items,
+def write_results(args, items: list[dict], aggregate: dict, **more):
+    result = dict(model=args.model, task=args.task, settings=vars(args), aggregate=aggregate, **more, items=items,
                   torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     save_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=1, ensure_ascii=False))
 
@@ -348,7 +351,16 @@ def task_samples(args, tok):  # ((key, build() -> sample) of niah, passkey or js
         args.seed, args.task, n, x, i), depth=x, haystack=haystack, **options)) for n, x, i in cells), len(cells)
 
 def ruler_records(args, tok):
-    """(length, task, RULER's records, built lazily) per runnable task; the others are named once, with why."""
+    """(length, task, RULER's records, built lazily; or read from --data) per runnable task; the others are
+    named once, with why."""
+    if args.data:
+        found, args.skipped = ruler.read_prepared(args.data[0], args.tasks)
+        print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
+        n = ruler.folder_length(args.data[0]) or (args.lengths[0] if len(args.lengths) == 1 else None)
+        refuse([(n is None, f"--data {args.data[0]}: no folder of its path names the length (RULER's "
+                            f".../synthetic/131072/data does); pass it as --lengths 128K")])
+        args.lengths = [n]
+        return [(n, t, records) for t, records in found.items()]
     sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
     args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
     print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
@@ -361,11 +373,7 @@ def prepare_ruler(args, tok):
     several lengths), one record per line, and meta.json with the task's generation budget."""
     for n, task, records in ruler_records(args, tok):
         folder = os.path.join(args.out, *([format_length(n)] if len(args.lengths) > 1 else []), task)
-        os.makedirs(folder, exist_ok=True)
-        def write(tmp, records=records):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        M.atomic_write(os.path.join(folder, "validation.jsonl"), write)
+        write_jsonl(os.path.join(folder, "validation.jsonl"), records)
         save_text(os.path.join(folder, "meta.json"), json.dumps(dict(
             task=task, max_seq_length=n, tokens_to_generate=ruler.budget(task), samples=args.samples,
             template="meta-llama3" if args.chat else "base")))
@@ -384,10 +392,11 @@ def run_ruler(args, model, tok, d, log):
     sample = lambda n, t, r: dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
                                   max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
     done = lambda n, t: all(f"{t} {n} #{i}" in log[0] for i in range(args.samples))  # builds no record: slow at 1M
-    samples = ((f"{t} {n} #{i}", partial(sample, n, t, r)) for n, t, records in ruler_records(args, tok)
-               for i, r in enumerate([None] * args.samples if done(n, t) else records))
-    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler",
-                   total=len(args.lengths) * (len(args.tasks) - len(args.skipped)) * args.samples)  # skipped: set above
+    runs = ruler_records(args, tok)  # records read from --data are lists, of their own length
+    samples = ((f"{t} {n} #{i}", partial(sample, n, t, r)) for n, t, records in runs
+               for i, r in enumerate(records if isinstance(records, list) or not done(n, t) else [None] * args.samples))
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler", total=sum(
+        len(records) if isinstance(records, list) else args.samples for _, _, records in runs))
     if not d.is_main:
         return None
     for it in items:  # string_match_all, or string_match_part for qa
@@ -398,6 +407,60 @@ def run_ruler(args, model, tok, d, log):
             for n, row in aggregate["table"].items()]
     save_text(os.path.join(args.out, "ruler.md"), markdown_table(["length", *args.tasks, "average"], rows) + "\n")
     print(markdown_table(["length", *args.tasks, "average"], rows))
+
+def bench_files(args):  # [(task, path)] of --data's InfiniteBench or LV-Eval files; the missing ones named once
+    found, skipped = longbench.find_files(args.task, args.data[0], args.tasks, args.levels)
+    print("".join(f"skipped {task}: it {why}\n" for task, why in skipped.items()), end="")
+    refuse([(not found, f"--data {args.data[0]} holds none of the {args.task} files asked for")])
+    return found
+
+def bench_sample(tok, it: dict, args) -> dict:
+    """A record's filled prompt cut in the middle to --max-len tokens as its benchmark cuts it (default:
+    InfiniteBench, the window less the task's budget and the chat frame; LV-Eval, the window less 500), framed."""
+    frame, budget = len(prompt_tokens(tok, "", "", args.chat)[0]), it["budget"]
+    max_len = args.max_len or args.window - (budget + frame if args.task == "infinitebench" else longbench.LV_RESERVE)
+    refuse([(max_len < 2, f"{it['task']}: the window of {args.window} tokens leaves no room for a prompt beside its "
+                          f"{budget}-token answer; pass --max-len, or --tasks without it")])
+    text, cut = longbench.cut_middle(tok, it["text"], max_len, args.task)
+    tokens = prompt_tokens(tok, text, "", args.chat)[0]
+    return dict({k: v for k, v in it.items() if k not in ("text", "budget")}, tokens=tokens, max_new_tokens=budget,
+                truncated=cut, length=len(tokens) + budget)
+
+def bench_samples(args, tok):  # (key, build() -> sample) of every record, read one at a time
+    return ((f"{it['task']} line {it['line']}", partial(bench_sample, tok, it, args))
+            for task, path in bench_files(args) for it in longbench.read_records(args.task, task, path))
+
+def prepare_bench(args, tok):
+    """--prepare-only: the final prompts (cut, framed), OUT/<task>.jsonl, one record per item: id, input (the
+    whole text, <|begin_of_text|> first), answers, max_new_tokens, truncated (LV-Eval: its gold_ans too)."""
+    for task, path in bench_files(args):
+        samples = (bench_sample(tok, it, args) for it in longbench.read_records(args.task, task, path))
+        write_jsonl(os.path.join(args.out, f"{task}.jsonl"), (dict(
+            id=s["id"], input=tok.decode(s["tokens"]), answers=s["answers"], max_new_tokens=s["max_new_tokens"],
+            truncated=s["truncated"], **({"gold_ans": s["keywords"]} if args.task == "lveval" else {})) for s in samples))
+
+def run_bench(args, model, tok, d, log):
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), bench_samples(args, tok), desc=args.task)
+    if d.is_main:
+        finish_bench(args, items)
+        for task in dict.fromkeys(it["task"] for it in items):  # the predictions in the benchmark's own files too
+            mine = [it for it in items if it["task"] == task]
+            if args.task == "infinitebench":
+                name, rows = f"preds_{task}.jsonl", [dict(id=it["id"], prediction=it["prediction"],
+                                                          ground_truth=it["answers"]) for it in mine]
+            else:
+                name, rows = f"{task}.jsonl", [dict(pred=it["prediction"], answers=it["answers"], gold_ans=it["keywords"],
+                                                    input=it["question"], length=it["words"]) for it in mine]
+            write_jsonl(os.path.join(args.out, "preds", name), rows)
+
+def finish_bench(args, items):  # scores, results.json and the table, from a model run or from --score's files
+    for it in items:
+        it["scores"] = {args.task: longbench.score(args.task, it["task"], it["prediction"], it["answers"],
+                                                   it.get("keywords"))}
+    aggregate, summary, header, rows = longbench.table(args.task, items)
+    write_results(args, items, aggregate, summary=summary)
+    save_text(os.path.join(args.out, f"{args.task}.md"), markdown_table(header, rows) + "\n")
+    print(markdown_table(header, rows))
 
 def run_generation(args, model, tok, d, log):
     samples, total = task_samples(args, tok)
@@ -454,7 +517,7 @@ def run_ppl(args, model, tok, d, log):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Long-context evaluation (see the module docstring).")
-    p.add_argument("task", choices=["niah", "passkey", "ruler", "ppl", "jsonl", "plot"])
+    p.add_argument("task", choices=["niah", "passkey", "ruler", *BENCHES, "ppl", "jsonl", "plot"])
     p.add_argument("path", nargs="?", help="jsonl: the records file; plot: the --out of an earlier run")
     p.add_argument("--model", default="out/train/hf", help="HF-layout model directory (default: train.py's export)")
     p.add_argument("--out", help="output directory (default: out/eval/TASK)")
@@ -464,37 +527,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1, help="split each prompt over all N processes of torchrun")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="plain prompts, no chat template")
     p.add_argument("--max-new-tokens", type=int, help="generation budget, in the length (default: 2 x answer + 8)")
-    p.add_argument("--lengths", help="e.g. 1K,4K,16K (default: window/8, /4, /2, window); ppl uses the largest")
+    p.add_argument("--lengths", help="e.g. 1K,4K,16K (default: window/8, /4, /2, window); ppl uses the largest; "
+                                     "lveval: a subset of its levels 16k,32k,64k,128k,256k")
     p.add_argument("--samples", type=int, default=1, help="niah, passkey, ruler: items per cell (RULER's own: 500)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah, passkey: needle depths, 0 to 1")
     p.add_argument("--haystack", nargs="+", help="niah: text files, directories or globs (default: the built-in corpus); "
                                                  "ruler: essays (.txt files, folders, PaulGrahamEssays.json)")
-    p.add_argument("--tasks", default=",".join(ruler.TASKS), help="ruler: a comma-separated subset of its 13 tasks")
+    p.add_argument("--tasks", help="ruler, infinitebench: a comma-separated subset of the tasks; lveval: of its datasets")
     p.add_argument("--squad", help="ruler qa_1: SQuAD v2.0 dev JSON")
     p.add_argument("--hotpotqa", help="ruler qa_2: HotpotQA dev distractor JSON")
-    p.add_argument("--prepare-only", action="store_true", help="ruler: write RULER's validation.jsonl files, load no weights")
+    p.add_argument("--prepare-only", action="store_true", help="ruler, infinitebench, lveval: write the prompts, load no weights")
+    p.add_argument("--score", nargs="+", metavar="FILE", help="infinitebench, lveval: score prediction files, no model")
     p.add_argument("--docs", type=int, default=4, help="ppl: sequences to average over")
-    p.add_argument("--data", nargs="+", help="ppl: documents (default: the built-in corpus)")
-    p.add_argument("--max-len", help="jsonl: tokens of prompt + answer, e.g. 128K (default: the model's window)")
+    p.add_argument("--data", nargs="+", help="ppl: documents (default: the built-in corpus); ruler, infinitebench, "
+                                             "lveval: the folder of the benchmark's own files")
+    p.add_argument("--max-len", help="jsonl: tokens of prompt + answer, e.g. 128K (default: the model's window); "
+                                     "infinitebench, lveval: of the prompt, cut as the benchmark cuts it")
     return p
 
 def fill_defaults(args, window: int):
-    args.lengths = sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
-                          else {max(256, window // k) for k in (8, 4, 2, 1)})
-    args.max_len = rope.parse_size(args.max_len) if args.max_len else window
+    args.levels = None
+    if args.task == "lveval":  # its length levels name its files; they are not token counts
+        args.levels, args.lengths = (args.lengths or ",".join(longbench.LV_LEVELS)).lower().split(","), None
+    args.window, args.lengths = window, sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
+                                               else {max(256, window // k) for k in (8, 4, 2, 1)})
+    args.max_len = rope.parse_size(args.max_len) if args.max_len else None if args.task in BENCHES else window
     try:
         args.depths = [float(x) for x in args.depths.split(",")]
     except ValueError:
         raise UserError(f"cannot read --depths {args.depths}; depths are fractions like 0,0.5,1") from None
-    args.tasks = args.tasks.split(",")
+    known = {"infinitebench": longbench.IB_TASKS, "lveval": longbench.LV_DATASETS}.get(args.task, list(ruler.TASKS))
+    args.tasks = (args.tasks or ",".join(known)).split(",")
+    folder = args.data[0] if args.data else ""
     refuse([(args.task == "jsonl" and not args.path, "jsonl needs a file: python eval.py jsonl FILE.jsonl"),
-            (not set(args.tasks) <= set(ruler.TASKS), f"--tasks: unknown {set(args.tasks) - set(ruler.TASKS)}; "
-                                                      f"RULER's are {', '.join(ruler.TASKS)}"),
+            (not set(args.tasks) <= set(known), f"--tasks: unknown {set(args.tasks) - set(known)}; "
+                                                f"{args.task}'s are {', '.join(known)}"),
+            (args.task == "lveval" and not set(args.levels) <= set(longbench.LV_LEVELS),
+             f"--lengths: LV-Eval's levels are {', '.join(longbench.LV_LEVELS)}, not {', '.join(args.levels or [])}"),
+            (args.task in BENCHES and not args.data, f"{args.task} needs --data DIR, the folder of its own .jsonl files"),
+            ((args.task in BENCHES or args.task == "ruler" and args.data) and not os.path.isdir(folder),
+             f"--data {folder} is not a folder (one folder of the benchmark's own files)"),
             (args.lengths[0] < 2, f"length {args.lengths[0]} is too short to evaluate anything"),
             (any(not 0 <= x <= 1 for x in args.depths), "--depths must lie between 0 and 1"),
             *[(getattr(args, k) is not None and getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
               for k in ("samples", "docs", "max_new_tokens", "max_len")]])
-    longest = args.max_len if args.task == "jsonl" else args.lengths[-1]
+    longest = args.max_len or 0 if args.task in ("jsonl", *BENCHES) else args.lengths[-1]
     if longest > window:
         print(f"warning: length {format_length(longest)} is beyond the model's window of {format_length(window)} "
               f"tokens (max_position_embeddings in its config.json); expect lower scores", file=sys.stderr)
@@ -509,16 +586,24 @@ def main(argv=None) -> int:
         if args.task == "ppl" and max(world, args.cp) > 1:
             raise UserError("ppl has no context-parallel path; run it as one process, without torchrun")
         check_cp_launch(args.cp, world)
+        task_folder = os.path.dirname(os.path.abspath(args.path or "."))
+        if args.task == "jsonl" and os.path.basename(args.path or "") == "validation.jsonl" and \
+                os.path.basename(task_folder) in ruler.TASKS:  # RULER's own file: its task is its folder's name
+            args.task, args.data, args.tasks = "ruler", [os.path.dirname(task_folder)], os.path.basename(task_folder)
         args.out = args.out or os.path.join("out", "eval", args.task)
         try:  # before any weight loads: a folder that cannot hold the results fails now, not hours later
             os.makedirs(args.out, exist_ok=True)
             tempfile.TemporaryFile(dir=args.out).close()  # a probe file, written and removed
         except OSError as e:
             raise UserError(f"--out {args.out} is not a writable folder ({e.strerror or e})") from None
-        if args.task == "ruler" and args.prepare_only:  # the tokenizer alone; no process group, no weights
+        if args.score:  # predictions made elsewhere: no model, no tokenizer
+            refuse([(args.task not in BENCHES, f"--score scores {' or '.join(BENCHES)} prediction files, not {args.task}")])
+            return finish_bench(args, longbench.read_predictions(args.task, args.score)) or 0
+        if args.task in ("ruler", *BENCHES) and args.prepare_only:  # the tokenizer alone; no process group, no weights
             tok = data.load_tokenizer(args.model)
             fill_defaults(args, M.args_from_hf_config(M.read_hf_config(m := args.model), f"{m}/config.json").max_seq_len)
-            return prepare_ruler(args, tok) or 0
+            args.chat = args.chat and tok.chat_template is not None
+            return (prepare_ruler if args.task == "ruler" else prepare_bench)(args, tok) or 0
         settings = dict({k: v for k, v in vars(args).items() if k not in ("out", "cache")}, weights={
             f.name: f.stat().st_mtime_ns for f in pathlib.Path(args.model).glob("*.safetensors")})
         log = item_log(args.out, settings) if reporting else ({}, lambda item: item)  # a retrained model's times differ
@@ -531,7 +616,8 @@ def main(argv=None) -> int:
             model, tok = load_model(args.model, args.dtype, d.device)
             fill_defaults(args, model.args.max_seq_len)
             args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
-            {"ppl": run_ppl, "ruler": run_ruler}.get(args.task, run_generation)(args, model, tok, d, log)
+            run = {"ppl": run_ppl, "ruler": run_ruler, "infinitebench": run_bench, "lveval": run_bench}
+            run.get(args.task, run_generation)(args, model, tok, d, log)
     except (UserError, FileNotFoundError) as e:
         if reporting:
             print(f"error: {e}", file=sys.stderr)

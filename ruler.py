@@ -16,6 +16,7 @@ noun (RULER draws from the set of all pairs: the same distribution but for the r
 import gzip, itertools, json, math, os, random, re, uuid
 from collections.abc import Iterator
 
+import data, rope
 from rope import UserError
 
 FRAME = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{task_template}<|eot_id|>"
@@ -303,3 +304,29 @@ def item_score(task: str, prediction: str, references: list[str]) -> float:
 
 def task_score(task, predictions, references) -> float:  # as RULER reports it: mean item score x 100, 2 decimals
     return round(sum(map(item_score, [task] * len(predictions), predictions, references)) / len(predictions) * 100, 2)
+
+def read_prepared(folder: str, tasks) -> tuple[dict, dict]:
+    """RULER's own files, folder/<task>/validation.jsonl as its prepare.py writes them (index, input, outputs,
+    length, length_w_model_temp, answer_prefix, token_position_answer): ({task: records, each with the task's
+    budget}, {task: why} for those without a file). The prompt is sent as RULER wrote it: input + answer_prefix."""
+    found, skipped = {}, {}
+    for task in tasks:
+        path = os.path.join(folder, task, "validation.jsonl")
+        if not os.path.isfile(path):
+            skipped[task] = f"has no {path}"
+            continue
+        found[task] = []
+        for line, r in data.read_jsonl(path):
+            outputs = r.get("outputs")
+            if not (isinstance(r.get("input"), str) and isinstance(r.get("answer_prefix", ""), str) and
+                    isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
+                raise UserError(f"{path} line {line}: not a RULER record (a string 'input' and 'answer_prefix', "
+                                f"and 'outputs', a non-empty list of strings)")
+            found[task].append(dict(r, index=r.get("index", line), answer_prefix=r.get("answer_prefix", ""),
+                                    tokens_to_generate=budget(task)))
+    return found, skipped
+
+def folder_length(folder: str) -> int | None:  # RULER's .../synthetic/131072/data: the nearest folder named as a size
+    for part in reversed(os.path.abspath(folder).split(os.sep)):
+        if re.fullmatch(r"[0-9]+[KkMm]?", part):
+            return rope.parse_size(part)

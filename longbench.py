@@ -1,0 +1,420 @@
+"""InfiniteBench (Zhang et al., 2024) and LV-Eval (Yuan et al., 2024), the paper's two realistic long-context
+benchmarks, built and scored as their own code does, so that our numbers stand beside the paper's tables
+(InfiniteBench: UltraLong-1M 32%, Llama-3.1-8B-Instruct 24%). eval.py runs them (`infinitebench`, `lveval`).
+
+Followed, as facts: OpenBMB/InfiniteBench src/prompt.py (yarn_mistral_templates: the open-model template that
+its scripts give YaRN-Mistral, Yi and ChatGLM3), src/eval_utils.py (create_prompt, get_answer,
+DATA_NAME_TO_MAX_NEW_TOKENS), src/eval_yarn_mistral.py (truncate_input), src/compute_scores.py (one scorer
+per task); infinigence/LVEval config.py (DATASET_PROMPT, DATASET_MAXGEN, DATASET_METRIC), utils.py
+(truncate_prompt), metrics.py, evaluation.py (the scorer: the first reference only, round(100 x mean, 2)).
+The deliberate differences are listed in the README.
+"""
+import collections, importlib, os, re, string
+from collections.abc import Iterator
+
+import data
+from rope import UserError
+
+# ---- InfiniteBench: the 12 tasks, their prompts and generation budgets --------------------------------------
+IB_TEMPLATES = {  # prompt.py's yarn_mistral_templates
+    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
+               "quiz you about the important information.\n\n{context}\n\n{input}\n\nThe pass key is",
+    "number_string": "There is an important info hidden inside a lot of irrelevant text. Find it. I will quiz you "
+                     "about the important information there.\n\n{context}\n\n{input}\n\nThe sequence of digits is",
+    "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n"
+                    "{input}",
+    "longbook_sum_eng": "Summarize the book below.\n\n{context}\n\nSummary:",
+    "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\nA. "
+                           "{OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe letter of the correct "
+                           "answer is",
+    "longbook_qa_eng": "Read the book and answer the question. Be very concise in your answer.\n\n{context}\n\n"
+                       "Question: {question}\nAnswer:",
+    "longbook_qa_chn": "阅读以下书籍然后回答问题。\n\n{context}\n\n问题：{question}\n答案：",
+    "longdialogue_qa_eng": "Below is a dialogue script where one random occurrence of a character name is replaced "
+                           "with \"$$MASK$$\", and you should try to guess who that character is.\n\n{context}\n\n"
+                           "The name that has been replaced with $$MASK$$ is likely",
+    "math_find": "{prefix}\n\n{context}\n\n{input}",
+    "math_calc": "Let us calculate the intermediate values of an expression.\n\nExpression: 1 + 3 + 4\nValues: "
+                 "[1, 4, 8]\n\nExpression: 8 - 3 + 2 - 4\nValues: [8, 5, 7, 3]\n\nExpression: {context}\nValues:",
+    "code_run": "There is a function called {func} in the following Python code.\n\n{context}\n\nPlease compute the "
+                "exact value of {func_call}. The value of {func_call} is",
+    "code_debug": "Following is a Python code where exactly one of the functions/methods has a deliberate error that "
+                  "makes it crash.\n\n{context}\n\nOptions:\nA. {OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. "
+                  "{OPTION_D}\n\nThe correct option is:",
+}
+IB_BUDGET = {"passkey": 6, "number_string": 12, "kv_retrieval": 50, "longbook_sum_eng": 1200,  # new tokens
+             "longbook_choice_eng": 40, "longbook_qa_eng": 40, "longbook_qa_chn": 40, "longdialogue_qa_eng": 40,
+             "math_find": 3, "math_calc": 30000, "code_run": 5, "code_debug": 5}
+IB_TASKS = list(IB_BUDGET)
+
+def ib_prompt(task: str, r: dict) -> str:
+    """create_prompt: the template filled from the record (its 'input' is the question of the book tasks)."""
+    fields = dict(context=r["context"], input=r["input"], question=r["input"])
+    if task == "code_run":  # the call asked about, e.g. func_6351(2), found in the input
+        call = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", r["input"])[0]
+        fields.update(func=call.split("(")[0], func_call=call)
+    if task == "math_find":  # "The largest number of the list" -> "What is the largest number in the following list?"
+        fields["prefix"] = f"What is {re.findall(r'The .+ of', r['input'])[0].lower()[:-3]} in the following list?"
+    if task in ("code_debug", "longbook_choice_eng"):
+        fields.update(zip(["OPTION_A", "OPTION_B", "OPTION_C", "OPTION_D"], r["options"][:4], strict=True))
+    return IB_TEMPLATES[task].format(**fields)
+
+def ib_answer(task: str, r: dict):
+    """get_answer: the record's answer; for the two choice tasks [the option's text, its letter]."""
+    answer = r["answer"]
+    if task not in ("code_debug", "longbook_choice_eng"):
+        return answer
+    if isinstance(answer, list) and len(answer) == 2 and answer[1] in ["A", "B", "C", "D"]:
+        return answer
+    answer = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+    return [answer, "ABCD"[r["options"].index(answer)]]
+
+# ---- LV-Eval: 11 datasets at 5 length levels ----------------------------------------------------------------
+ONLY = "Only give me the answer and do not output any other explanation and evidence."
+ONE_PASSAGE = (f"Please answer the following question based on the given passages. Questions and answers are only "
+               f"relevant to one passage. {ONLY}\n\nArticle: {{context}}\n\nPlease answer the following question "
+               f"based on the above passages. Questions and answers are only relevant to one passage. {ONLY}\n\n"
+               f"Question: {{input}}\nAnswer:")
+ZH_TAIL = "问题和答案只与其中一篇文章有关。\n\n文章：{context}\n\n"
+LV_PROMPT = {  # config.py's DATASET_PROMPT
+    "hotpotwikiqa_mixup": f"Answer the question based on the given passages. Questions and answers are only relevant "
+                          f"to some passages. {ONLY}\n\nArticle: {{context}}\n\nPlease answer the following question "
+                          f"based on the above passages. Questions and answers are only relevant to some passages. "
+                          f"{ONLY}\n\nQuestion: {{input}}\nAnswer:",
+    "loogle_SD_mixup": ONE_PASSAGE, "loogle_CR_mixup": ONE_PASSAGE, "loogle_MIR_mixup": ONE_PASSAGE,
+    "multifieldqa_en_mixup": ONE_PASSAGE,
+    "multifieldqa_zh_mixup": "请阅读以下文章并用中文回答问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的答案，不要输出其他任何解释和证据。"
+                             "\n\n文章：{context}\n\n请基于上面的文章回答下面的问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的"
+                             "答案，不要输出其他任何解释和证据。\n\n问题：{input}\n回答：",
+    "factrecall_en": "Please answer the following questions based on the given article.\n\nArticle: {context}\n\n"
+                     "Please answer the following questions based on the above article.\n\nQuestion: {input}\nAnswer:",
+    "factrecall_zh": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n现在请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
+    "cmrc_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "现在请基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
+                  "问题：{input}\n回答：",
+    "lic_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "请现在基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
+                 "问题：{input}\n回答：",
+    "dureader_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "现在请基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
+                      "问题：{input}\n回答：",
+}
+LV_DATASETS = list(LV_PROMPT)
+LV_LEVELS = ["16k", "32k", "64k", "128k", "256k"]
+LV_RESERVE = 500  # the README's "model_max_length (-500 to reserve output window)": the default --max-len
+lv_budget = lambda dataset: 16 if dataset.startswith("factrecall") else 64  # DATASET_MAXGEN
+# metrics.py's blacklists: words that do not count towards an answer keyword's recall
+ABANDON_EN = set("and to of in her was with for it from is that his he by she they or at because be on are their "
+                 "what as had were about being this who but have has when which does".split())
+ABANDON_ZH = set("的 和 是 等 在 年 可以 为 与 ‰ 了 或 一种 月 c 至 日 有 进行 于 不 中 × 根据 小 由 亩 也 要 指 法 会 元 主要 以及 通过 首先 "
+                 "对 然后 号 以 所 后 丁 包括 无 将 用 能 形 方面 因素 位于 而 从 到 一定 用于 但 使用 让 具有 并 亿元 万元 上 类 基于 才 来 地 "
+                 "片 其他 个 或者 变得 时 给 你 使 条 受 已经 带 度".split())
+
+def lv_name(stem: str) -> tuple[str, str]:  # "cmrc_mixup_16k" -> ("cmrc_mixup", "16k"), as evaluation.py splits it
+    return re.split(r"_.{1,3}k", stem)[0], stem.split("_")[-1]
+
+# ---- Shared pieces: cutting in the middle, normalising, F1, ROUGE-L --------------------------------------------
+def cut_middle(tok, text: str, max_len: int, bench: str) -> tuple[str, bool]:
+    """The text cut to max_len tokens in the middle, as a Hugging Face tokenizer counts them (<|begin_of_text|>
+    included), then decoded: InfiniteBench's truncate_input keeps max_len // 2 tokens at each end and decodes
+    them together; LV-Eval's truncate_prompt keeps int(max_len / 2) and decodes each end on its own."""
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    ids = bos + tok.encode(text)
+    if len(ids) <= max_len:
+        return text, False
+    half = max_len // 2
+    decode = lambda part: tok.decode([t for t in part if t not in bos])  # skip_special_tokens=True
+    return (decode(ids[:half] + ids[-half:]) if bench == "infinitebench" else
+            decode(ids[:half]) + decode(ids[-half:])), True
+
+def normalize_answer(text: str) -> str:  # SQuAD's, and both benchmarks': lower case, no punctuation or articles
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+ZH_PUNCTUATION = set(string.punctuation + "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰"
+                                          "〾〿–—‘’‛“”„‟…‧﹏.")
+
+def normalize_zh(text: str) -> str:  # normalize_zh_answer: lower case, no punctuation (Chinese too), no spaces
+    return "".join(ch for ch in "".join(text.lower().split()) if ch not in ZH_PUNCTUATION)
+
+def f1(predicted: list, reference: list) -> float:
+    """Bag-of-words F1, as both benchmarks (and SQuAD) compute it."""
+    same = sum((collections.Counter(predicted) & collections.Counter(reference)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+def token_f1(prediction: str, answers: list[str]) -> float:  # the best F1 over the references, on SQuAD's words
+    return max(f1(normalize_answer(prediction).split(), normalize_answer(a).split()) for a in answers)
+
+def lcs(x: list, y: list, tie_up: bool) -> list[int]:
+    """Indices into x of one longest common subsequence of x and y. Where both ways keep the length, rouge_score
+    steps back in x (tie_up) and the `rouge` package in y: the two libraries can pick different words."""
+    t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
+    i, j, out = len(x), len(y), []
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            out, i, j = [i - 1] + out, i - 1, j - 1
+        elif t[i - 1][j] > t[i][j - 1] or tie_up and t[i - 1][j] == t[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return out
+
+def rouge_lsum(prediction: str, references) -> float:
+    """rouge_score's rougeLsum F-measure, no stemming (InfiniteBench's evaluate.load("rouge")), the best over the
+    references: lines are sentences, words are [a-z0-9]+ of the lower-cased text, and each reference sentence's
+    union LCS with the prediction's sentences counts its words once, up to their counts on either side."""
+    def sentences(text):
+        return [re.sub(r"[^a-z0-9]+", " ", s.lower()).split() for s in text.split("\n") if s]
+    def one(reference):
+        ref, pred = sentences(reference), sentences(prediction)
+        m, n = sum(map(len, ref)), sum(map(len, pred))
+        if not m or not n:
+            return 0.0
+        left_r, left_p, hits = collections.Counter(sum(ref, [])), collections.Counter(sum(pred, [])), 0
+        for s in ref:
+            for word in [s[i] for i in sorted(set().union(*(lcs(s, p, True) for p in pred)))]:
+                if left_r[word] > 0 and left_p[word] > 0:
+                    hits, left_r[word], left_p[word] = hits + 1, left_r[word] - 1, left_p[word] - 1
+        precision, recall = hits / n, hits / m
+        return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return max(map(one, [references] if isinstance(references, str) else references))
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """The `rouge` package's ROUGE-L F (rouge_l_summary_level, exclusive), as LV-Eval calls it: sentences are cut
+    at '.', words at spaces, and the union LCS and both lengths count distinct words; 0 where it raises (an
+    empty side)."""
+    def sentences(text):
+        return [" ".join(s.split()).split(" ") for s in text.split(".") if s]
+    pred, ref = sentences(prediction), sentences(reference)
+    if not pred or not ref:
+        return 0.0
+    union = {r[i] for r in ref for p in pred for i in lcs(r, p, False)}
+    precision, recall = len(union) / len(set(sum(pred, []))), len(union) / len(set(sum(ref, [])))
+    return 2.0 * (precision * recall / (precision + recall + 1e-8))
+
+# ---- InfiniteBench's scorers (compute_scores.py), one per task: prediction, label -> 0..1 ----------------------
+KV_SPLIT = ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]
+
+def first(label):  # a one-answer label, list or not
+    return label[0] if isinstance(label, list) else label
+
+def number(label):  # an int or float label; a numeric string (as Hugging Face datasets store it) read as one
+    return (float(label) if "." in label else int(label)) if isinstance(label, str) else label
+
+def first_int(prediction: str) -> str:  # first_int_match: the first run of digits
+    return next((x for x in re.split("[^0-9]", prediction) if x), "")
+
+def score_code_run(prediction, label):  # the prediction's last word as an integer
+    words = squeeze(prediction.strip(), ["\n", ".", "`", "'", '"', ":"]).split()
+    try:
+        return bool(words) and int(words[-1]) == number(first(label))
+    except ValueError:
+        return False
+
+def after_prefix(text: str, prefixes, starts) -> bool | None:  # the first prefix found: does what follows start so?
+    for prefix in prefixes:
+        at = text.find(prefix)
+        if at != -1:
+            rest = text[at + len(prefix) + 1:]
+            return len(text) >= at + len(prefix) + 1 and any(rest.startswith(s) for s in starts)
+    return None
+
+def squeeze(text: str, characters) -> str:  # the characters become spaces, runs of spaces one
+    for c in characters:
+        text = text.replace(c, " ")
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
+
+def score_code_debug(prediction, label):  # label: [function name, letter]
+    pred, (name, letter) = prediction.strip(), label[:2]
+    if pred[:2] in (f"{letter}.", f"{letter}:"):
+        return True
+    pred = squeeze(pred, ["\n", "`", "'", '"', "-", "*", "Option", "option"])
+    return bool(after_prefix(pred, ["answer is:", "is:", "answer:", "correct option is:"], [letter, name]))
+
+def score_choice(prediction, label):  # label: [option text, letter]
+    pred = prediction.strip()
+    if pred == "":
+        return False
+    if pred[0] in "ABCD":
+        return pred[0] in label
+    if pred in label:
+        return True
+    pred = squeeze(pred, ["\n", '"', "'", ".", ",", "?", "!", "{", "}"])
+    found = after_prefix(pred, ["answer is:", "answer:", "answer is", "option is"], label)
+    if found is not None:
+        return found
+    return next((word in label for word in pred.split() if word in "ABCD"), False)  # the first A-D word
+
+def score_math_find(prediction, label):  # the first number, compared as the label's type
+    label, found = number(first(label)), re.search(r"\d+\.\d+|\d+", prediction)
+    try:
+        return found is not None and (int if isinstance(label, int) else float)(found.group(0)) == label
+    except ValueError:  # "3.5" for an integer label
+        return False
+
+def score_math_calc(prediction, label):  # the share of values right from the first until the first wrong one
+    label = label[0] if isinstance(label[0], list) else label
+    values, right = [int(x) for x in re.split("[^0-9]", prediction) if x], 0
+    for want, got in zip(label, values):
+        if want != got:
+            break
+        right += 1
+    return right / len(label)
+
+def score_zh_chars(prediction, label):  # qa_f1_score_zh: F1 over characters, one character one token
+    return max(f1(list(normalize_zh(prediction)), list(normalize_zh(a))) for a in label)
+
+IB_SCORERS = {
+    "passkey": lambda p, label: first(label) == first_int(p),
+    "number_string": lambda p, label: first(label) == first_int(p),
+    "kv_retrieval": lambda p, label: first(label) in squeeze(p, KV_SPLIT).split(),
+    "longdialogue_qa_eng": lambda p, label: first(label) in [w.upper() for w in squeeze(p.strip(), KV_SPLIT).split()],
+    "longbook_sum_eng": rouge_lsum,
+    "longbook_choice_eng": score_choice,
+    "longbook_qa_eng": lambda p, label: token_f1(p, [label] if isinstance(label, str) else label),
+    "longbook_qa_chn": lambda p, label: score_zh_chars(p, [label] if isinstance(label, str) else label),
+    "math_find": score_math_find, "math_calc": score_math_calc, "code_run": score_code_run,
+    "code_debug": score_code_debug,
+}
+
+# ---- LV-Eval's scorers (metrics.py), through DATASET_METRIC -------------------------------------------------
+def jieba():
+    return optional("jieba", "LV-Eval's Chinese datasets segment words with jieba")
+
+def optional(package: str, why: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise UserError(f"{why}: pip install {package}") from None
+
+def lv_words(text: str, chinese: bool) -> list[str]:  # normalised words: English by spaces, Chinese by jieba
+    if not chinese:
+        return normalize_answer(text).split()
+    return [w for w in map(normalize_zh, jieba().cut(text, cut_all=False)) if w]
+
+def lv_f1(prediction: str, reference: str, keywords, chinese: bool, floor: float | None) -> float:
+    """qa_f1(_zh)_score, and with floor the _with_gold_ans variants: the share of the answer keywords found in
+    the prediction (blacklisted words not counted) below the floor (0.2, Chinese 0.4) scores 0."""
+    pred, ref = lv_words(prediction, chinese), lv_words(reference, chinese)
+    keywords = keywords or (reference if chinese else None)  # the Chinese variant falls back on the answer
+    if floor and keywords:
+        gold = lv_words(keywords, chinese)
+        found = collections.Counter(pred) & collections.Counter(gold)
+        blacklist = ABANDON_ZH if chinese else ABANDON_EN
+        if sum(n for w, n in found.items() if w not in blacklist) / max(len(gold), 1) < floor:
+            return 0.0
+    return f1(pred, ref)
+
+def lv_rouge_zh(prediction: str, reference: str, keywords=None) -> float:
+    """rouge_zh_score_blacklist: jieba's words of the space-joined jieba words (it segments twice), normalised,
+    blacklisted words dropped, then the `rouge` package's ROUGE-L."""
+    words = lambda t: [normalize_zh(w) for w in jieba().cut(" ".join(jieba().cut(t, cut_all=False)), cut_all=False)]
+    return rouge_l(*(" ".join(w for w in words(t) if w not in ABANDON_ZH) for t in (prediction, reference)))
+
+LV_FUNCTIONS = {  # metrics.py's, by name
+    "qa_f1_score": lambda p, r, k: lv_f1(p, r, k, False, None),
+    "qa_f1_score_with_gold_ans": lambda p, r, k: lv_f1(p, r, k, False, 0.2),
+    "qa_f1_zh_score": lambda p, r, k: lv_f1(p, r, k, True, None),
+    "qa_f1_zh_score_with_gold_ans": lambda p, r, k: lv_f1(p, r, k, True, 0.4),
+    "rouge_zh_score_blacklist": lv_rouge_zh}
+LV_METRIC = dict(  # config.py's DATASET_METRIC
+    hotpotwikiqa_mixup="qa_f1_score_with_gold_ans", loogle_SD_mixup="qa_f1_score_with_gold_ans",
+    loogle_CR_mixup="qa_f1_score_with_gold_ans", loogle_MIR_mixup="qa_f1_score_with_gold_ans",
+    multifieldqa_en_mixup="qa_f1_score_with_gold_ans", multifieldqa_zh_mixup="qa_f1_zh_score_with_gold_ans",
+    factrecall_en="qa_f1_score", factrecall_zh="qa_f1_zh_score", cmrc_mixup="qa_f1_zh_score_with_gold_ans",
+    lic_mixup="qa_f1_zh_score_with_gold_ans", dureader_mixup="rouge_zh_score_blacklist")
+
+def score(bench: str, task: str, prediction: str, answers, keywords=None) -> float:
+    """One item's score, 0 to 1: InfiniteBench's scorer of the task; LV-Eval's metric of the dataset against its
+    first reference answer only (evaluation.py's scorer breaks after one)."""
+    if bench == "infinitebench":
+        return float(IB_SCORERS[task](prediction, answers))
+    return float(LV_FUNCTIONS[LV_METRIC[lv_name(task)[0]]](prediction, answers[0], keywords))
+
+# ---- Reading the benchmarks' files ---------------------------------------------------------------------------
+def find_files(bench: str, folder: str, tasks: list[str], levels: list[str]) -> tuple[list, dict]:
+    """[(task, path)] of the benchmark's own files in folder, and {task: why} for those skipped (no file).
+    InfiniteBench: folder/<task>.jsonl; LV-Eval: folder/<dataset>_<level>.jsonl, or inside folder/<dataset>/
+    (as its zips unpack)."""
+    found, skipped = [], {}
+    names = [(t, t) for t in tasks] if bench == "infinitebench" else [(f"{d}_{n}", d) for d in tasks for n in levels]
+    for task, sub in names:
+        path = next((p for p in (os.path.join(folder, f"{task}.jsonl"), os.path.join(folder, sub, f"{task}.jsonl"))
+                     if os.path.isfile(p)), None)
+        if path is None:
+            skipped[task] = f"has no file {task}.jsonl in {folder}"
+        else:
+            found.append((task, path))
+    return found, skipped
+
+def read_records(bench: str, task: str, path: str) -> Iterator[dict]:
+    """One record at a time (InfiniteBench's books are ~200K tokens each): its task, line, id, filled prompt,
+    answers, generation budget; LV-Eval's also its answer keywords, question and length in words."""
+    for line, r in data.read_jsonl(path):
+        try:
+            if bench == "infinitebench":
+                yield dict(task=task, line=line, id=r.get("id", line), text=ib_prompt(task, r),
+                           answers=ib_answer(task, r), budget=IB_BUDGET[task])
+                continue
+            dataset = lv_name(task)[0]
+            answers = r["answers"]
+            if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+                raise ValueError("its 'answers' is not a non-empty list of strings")
+            yield dict(task=task, line=line, id=line, text=LV_PROMPT[dataset].format(**r), answers=answers,
+                       keywords=r.get("answer_keywords"), budget=lv_budget(dataset), question=r.get("input"),
+                       words=r.get("length"))
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            why = f"it has no {e} field" if isinstance(e, KeyError) else str(e)
+            raise UserError(f"{path} line {line}: not {bench} {task} record ({why})") from None
+
+def read_predictions(bench: str, paths: list[str]) -> list[dict]:
+    """Predictions made elsewhere, in the benchmark's own files: InfiniteBench's preds_<task>.jsonl ('prediction'
+    or 'pred'; 'ground_truth' or 'label'), LV-Eval's <dataset>_<level>.jsonl ('pred', 'answers', 'gold_ans')."""
+    items = []
+    for path in paths:
+        stem = os.path.basename(path).removesuffix(".jsonl")
+        task = stem.removeprefix("preds_") if bench == "infinitebench" else stem
+        known = task in IB_TASKS and stem != task if bench == "infinitebench" else \
+            lv_name(stem)[0] in LV_DATASETS and lv_name(stem)[1] in LV_LEVELS
+        if not known:
+            raise UserError(f"{path}: {bench} prediction files are named " + (
+                "preds_<task>.jsonl after one of its 12 tasks" if bench == "infinitebench" else
+                "<dataset>_<level>.jsonl after one of its 11 datasets and 5 levels (16k ... 256k)"))
+        fields = (["prediction", "pred"], ["ground_truth", "label"]) if bench == "infinitebench" else (["pred"], ["answers"])
+        for line, r in data.read_jsonl(path):
+            pred, label = (next((r[k] for k in keys if k in r), None) for keys in fields)
+            if not isinstance(pred, str) or label is None or bench == "lveval" and not (isinstance(label, list) and label):
+                raise UserError(f"{path} line {line}: a prediction record needs a string '{fields[0][0]}' and "
+                                f"'{fields[1][0]}' (" + ("a non-empty list)" if bench == "lveval" else "the label)"))
+            items.append(dict(task=task, id=r.get("id", line), prediction=pred, answers=label, keywords=r.get("gold_ans")))
+    return items
+
+def table(bench: str, items: list[dict]) -> tuple[dict, dict, list[str], list[list]]:
+    """(aggregate: each task's score on the benchmark's scale, 0-100; the averages; the table's header, rows).
+    InfiniteBench: a mean x 100 per task, unrounded; LV-Eval: round(100 x mean, 2) per <dataset>_<level>, as its
+    evaluation.py rounds, and per level the average over the datasets run there."""
+    scores = collections.defaultdict(list)
+    for it in items:
+        scores[it["task"]].append(it["scores"][bench])
+    aggregate = {t: sum(s) / len(s) * 100 if bench == "infinitebench" else round(100 * sum(s) / len(s), 2)
+                 for t, s in scores.items()}
+    if bench == "infinitebench":
+        average = sum(aggregate.values()) / len(aggregate)
+        rows = [[t, f"{aggregate[t]:.2f}", len(scores[t])] for t in IB_TASKS if t in aggregate]
+        summary = dict(average=average, tasks=len(aggregate))
+        return aggregate, summary, ["task", "score", "items"], rows + [
+            ["average", f"{average:.2f}", f"{len(aggregate)} of {len(IB_TASKS)} tasks"]]
+    levels = [n for n in LV_LEVELS if any(lv_name(t)[1] == n for t in aggregate)]
+    cell = lambda d, n: aggregate.get(f"{d}_{n}")
+    rows = [[d, *["-" if cell(d, n) is None else cell(d, n) for n in levels]]
+            for d in LV_DATASETS if any(cell(d, n) is not None for n in levels)]
+    ran = {n: [cell(d, n) for d in LV_DATASETS if cell(d, n) is not None] for n in levels}
+    averages = {n: round(sum(v) / len(v), 2) for n, v in ran.items()}
+    summary = dict(average=averages, datasets={n: len(v) for n, v in ran.items()})
+    return aggregate, summary, ["dataset", *levels], rows + [
+        ["average", *[f"{averages[n]} ({len(ran[n])} datasets)" for n in levels]]]
