@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import attention, data, longbench, rope, ruler, train
 import model as M
-from longbench import normalize_answer, token_f1
+from longbench import (generation_budget, make_jsonl_sample, normalize_answer, prompt_tokens, read_records, refuse,
+                       token_f1)
 from rope import UserError
 
 FIT_TRIES = 6  # sizing renders per prompt: re-tokenising text at a cut moves its length by a few tokens
@@ -38,8 +39,6 @@ NIAH = ("Find the magic number hidden in this text.\n", "The magic number is {0}
 PASSKEY = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
            "quiz you about the important information there.\n", "The pass key is {0}. Remember it. {0} is the pass key.",
            "What is the pass key?", "The pass key is")
-JSONL_HEAD = "Read the following text and answer the question. Be very concise in your answer.\n\n"
-
 def format_length(n: int) -> str:
     return next((f"{n // s}{x}" for x, s in (("M", 1 << 20), ("K", 1 << 10)) if n >= s and n % s == 0), str(n))
 
@@ -49,11 +48,6 @@ def derive_seed(*parts) -> int:  # one item's seed from everything that names it
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-def refuse(problems):  # raises the sentence of the first (condition, sentence) that holds
-    for bad, sentence in problems:
-        if bad:
-            raise UserError(sentence)
 
 def exact_match(prediction: str, answers: list[str]) -> float:
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
@@ -66,20 +60,6 @@ BENCHES = ("infinitebench", "lveval")  # longbench.py: their own prompts, cuts, 
 METRICS = {"exact_match": exact_match, "f1": token_f1, "string_match": string_match}
 SCORES = {"niah": ["exact_match", "string_match"], "passkey": ["string_match", "exact_match"],
           "jsonl": ["exact_match", "f1"]}  # the scores of each task; the first is its headline
-
-def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
-    """(tokens, start, lead): format_chat's frame (or <|begin_of_text|> alone) around the message, then
-    the answer prefix; the message's tokens begin at `start` and are tok.encode(lead + message)."""
-    if not chat:
-        bos = [] if tok.bos_id is None else [tok.bos_id]
-        return bos + tok.encode(message + (f"\n{answer_prefix}" if answer_prefix else "")), len(bos), ""
-    tokens, _ = data.format_chat(tok, [{"role": "user", "content": message}], add_generation_prompt=True)
-    header_ends = [i + 1 for i, t in enumerate(tokens) if t == tok.token_id("<|end_header_id|>")]
-    return tokens + tok.encode(answer_prefix), header_ends[-2], "\n\n"  # [-1] is the assistant's header
-
-def generation_budget(tok, answers: list[str]) -> int:
-    """Twice the references' tokens (models add words and punctuation) + 8 for the stop token."""
-    return 2 * len(tok.encode(" " + ", ".join(answers))) + 8
 
 def take_haystack(token_file, tok, n: int, rng: random.Random) -> list[int]:
     order, out, i = list(range(token_file.n_docs)), [], 0
@@ -129,39 +109,6 @@ def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystac
     return dict(task=task, depth=depth, seed=seed, length=length, max_new_tokens=budget, answers=[answer],
                 needle=needle, tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
                 needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
-
-def read_records(path: str) -> list[dict]:
-    """InfiniteBench/LV-Eval records: 'context', optional 'input' (or a raw 'prompt' instead, as sft.py's
-    records), and 'answers' (InfiniteBench: 'answer'): a string or a non-empty list of strings."""
-    records = []
-    for line, r in data.read_jsonl(path):
-        answers = r.get("answers", r.get("answer"))
-        answers = [answers] if isinstance(answers, str) else answers
-        refuse((bad, f"{path} line {line} {problem}") for bad, problem in [
-            ("prompt" in r and not isinstance(r["prompt"], str), "has a 'prompt' that is not a string"),
-            ("prompt" not in r and not isinstance(r.get("context"), str), "has no 'context' string (nor a raw 'prompt')"),
-            (not isinstance(r.get("input", ""), str), "has an 'input' that is not a string"),
-            (not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
-             "has no 'answers' (a string or a non-empty list of strings)")])
-        records.append(dict(r, id=r.get("id", line), input=r.get("input", ""), answers=answers))
-    refuse([(not records, f"{path} holds no records")])
-    return records
-
-def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tokens=None) -> dict:
-    """A record's prompt, its context cut in the middle (first and last halves kept, as InfiniteBench
-    and LV-Eval do) when prompt + answer would pass max_len. A raw 'prompt' is the whole message."""
-    raw = "prompt" in record
-    head, tail, answer_prefix = ("", "", "") if raw else (
-        JSONL_HEAD, f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n", "Answer:")
-    budget = max_new_tokens or generation_budget(tok, record["answers"])
-    room = max_len - budget - len(prompt_tokens(tok, head + tail, answer_prefix, chat)[0])
-    refuse([(room < 2, f"record {record['id']}: its question and answer alone exceed --max-len {max_len}")])
-    ids = tok.encode(record["prompt" if raw else "context"])
-    cut = len(ids) > room
-    context = tok.decode(ids[:room // 2]) + tok.decode(ids[len(ids) - (room - room // 2):]) if cut else tok.decode(ids)
-    tokens = prompt_tokens(tok, head + context + tail, answer_prefix, chat)[0]
-    return dict(task="jsonl", id=record["id"], tokens=tokens, max_new_tokens=budget, answers=record["answers"],
-                length=len(tokens) + budget, truncated=cut)
 
 def load_model(path: str, dtype: str, device: torch.device):
     if not os.path.isdir(path):
@@ -414,44 +361,29 @@ def bench_files(args):  # [(task, path)] of --data's InfiniteBench or LV-Eval fi
     refuse([(not found, f"--data {args.data[0]} holds none of the {args.task} files asked for")])
     return found
 
-def bench_sample(tok, it: dict, args) -> dict:
-    """A record's filled prompt cut in the middle to --max-len tokens as its benchmark cuts it (default:
-    InfiniteBench, the window less the task's budget and the chat frame; LV-Eval, the window less 500), framed."""
-    frame, budget = len(prompt_tokens(tok, "", "", args.chat)[0]), it["budget"]
-    max_len = args.max_len or args.window - (budget + frame if args.task == "infinitebench" else longbench.LV_RESERVE)
-    refuse([(max_len < 2, f"{it['task']}: the window of {args.window} tokens leaves no room for a prompt beside its "
-                          f"{budget}-token answer; pass --max-len, or --tasks without it")])
-    text, cut = longbench.cut_middle(tok, it["text"], max_len, args.task)
-    tokens = prompt_tokens(tok, text, "", args.chat)[0]
-    return dict({k: v for k, v in it.items() if k not in ("text", "budget")}, tokens=tokens, max_new_tokens=budget,
-                truncated=cut, length=len(tokens) + budget)
-
-def bench_samples(args, tok):  # (key, build() -> sample) of every record, read one at a time
-    return ((f"{it['task']} line {it['line']}", partial(bench_sample, tok, it, args))
-            for task, path in bench_files(args) for it in longbench.read_records(args.task, task, path))
+def bench_samples(args, tok, task, path):  # (key, build() -> sample) of each record of one file, read one at a time
+    return ((f"{task} line {it['line']}", partial(longbench.bench_sample, tok, it, args.task, args.max_len,
+                                                  args.window, args.chat))
+            for it in longbench.bench_records(args.task, task, path))
 
 def prepare_bench(args, tok):
     """--prepare-only: the final prompts (cut, framed), OUT/<task>.jsonl, one record per item: id, input (the
     whole text, <|begin_of_text|> first), answers, max_new_tokens, truncated (LV-Eval: its gold_ans too)."""
     for task, path in bench_files(args):
-        samples = (bench_sample(tok, it, args) for it in longbench.read_records(args.task, task, path))
         write_jsonl(os.path.join(args.out, f"{task}.jsonl"), (dict(
             id=s["id"], input=tok.decode(s["tokens"]), answers=s["answers"], max_new_tokens=s["max_new_tokens"],
-            truncated=s["truncated"], **({"gold_ans": s["keywords"]} if args.task == "lveval" else {})) for s in samples))
+            truncated=s["truncated"], **({"gold_ans": s["keywords"]} if args.task == "lveval" else {}))
+            for s in (build() for _, build in bench_samples(args, tok, task, path))))
 
 def run_bench(args, model, tok, d, log):
-    items = resume(log, lambda build: answer(model, tok, build(), {}, d), bench_samples(args, tok), desc=args.task)
+    samples = (pair for task, path in bench_files(args) for pair in bench_samples(args, tok, task, path))
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc=args.task)
     if d.is_main:
         finish_bench(args, items)
         for task in dict.fromkeys(it["task"] for it in items):  # the predictions in the benchmark's own files too
-            mine = [it for it in items if it["task"] == task]
-            if args.task == "infinitebench":
-                name, rows = f"preds_{task}.jsonl", [dict(id=it["id"], prediction=it["prediction"],
-                                                          ground_truth=it["answers"]) for it in mine]
-            else:
-                name, rows = f"{task}.jsonl", [dict(pred=it["prediction"], answers=it["answers"], gold_ans=it["keywords"],
-                                                    input=it["question"], length=it["words"]) for it in mine]
-            write_jsonl(os.path.join(args.out, "preds", name), rows)
+            name = f"preds_{task}.jsonl" if args.task == "infinitebench" else f"{task}.jsonl"
+            write_jsonl(os.path.join(args.out, "preds", name),
+                        [longbench.prediction_record(args.task, it) for it in items if it["task"] == task])
 
 def finish_bench(args, items):  # scores, results.json and the table, from a model run or from --score's files
     for it in items:

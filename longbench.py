@@ -9,42 +9,72 @@ per task); infinigence/LVEval config.py (DATASET_PROMPT, DATASET_MAXGEN, DATASET
 (truncate_prompt), metrics.py, evaluation.py (the scorer: the first reference only, round(100 x mean, 2)).
 The deliberate differences are listed in the README.
 """
-import collections, importlib, os, re, string
+import collections, importlib, json, os, pathlib, re, string
 from collections.abc import Iterator
 
 import data
 from rope import UserError
 
+# ---- Every evaluation prompt: the chat frame, the budget, the first problem as a sentence --------------------
+def refuse(problems):  # raises the sentence of the first (condition, sentence) that holds
+    for bad, sentence in problems:
+        if bad:
+            raise UserError(sentence)
+
+def prompt_tokens(tok, message: str, answer_prefix: str, chat: bool):
+    """(tokens, start, lead): format_chat's frame (or <|begin_of_text|> alone) around the message, then
+    the answer prefix; the message's tokens begin at `start` and are tok.encode(lead + message)."""
+    if not chat:
+        bos = [] if tok.bos_id is None else [tok.bos_id]
+        return bos + tok.encode(message + (f"\n{answer_prefix}" if answer_prefix else "")), len(bos), ""
+    tokens, _ = data.format_chat(tok, [{"role": "user", "content": message}], add_generation_prompt=True)
+    header_ends = [i + 1 for i, t in enumerate(tokens) if t == tok.token_id("<|end_header_id|>")]
+    return tokens + tok.encode(answer_prefix), header_ends[-2], "\n\n"  # [-1] is the assistant's header
+
+def generation_budget(tok, answers: list[str]) -> int:
+    """Twice the references' tokens (models add words and punctuation) + 8 for the stop token."""
+    return 2 * len(tok.encode(" " + ", ".join(answers))) + 8
+
+# ---- Any long-context QA records: one generic prompt (eval.py jsonl) --------------------------------------------
+JSONL_HEAD = "Read the following text and answer the question. Be very concise in your answer.\n\n"
+
+def read_records(path: str) -> list[dict]:
+    """InfiniteBench/LV-Eval records: 'context', optional 'input' (or a raw 'prompt' instead, as sft.py's
+    records), and 'answers' (InfiniteBench: 'answer'): a string or a non-empty list of strings."""
+    records = []
+    for line, r in data.read_jsonl(path):
+        answers = r.get("answers", r.get("answer"))
+        answers = [answers] if isinstance(answers, str) else answers
+        refuse((bad, f"{path} line {line} {problem}") for bad, problem in [
+            ("prompt" in r and not isinstance(r["prompt"], str), "has a 'prompt' that is not a string"),
+            ("prompt" not in r and not isinstance(r.get("context"), str), "has no 'context' string (nor a raw 'prompt')"),
+            (not isinstance(r.get("input", ""), str), "has an 'input' that is not a string"),
+            (not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)),
+             "has no 'answers' (a string or a non-empty list of strings)")])
+        records.append(dict(r, id=r.get("id", line), input=r.get("input", ""), answers=answers))
+    refuse([(not records, f"{path} holds no records")])
+    return records
+
+def make_jsonl_sample(tok, record: dict, max_len: int, *, chat=True, max_new_tokens=None) -> dict:
+    """A record's prompt, its context cut in the middle (first and last halves kept, as InfiniteBench
+    and LV-Eval do) when prompt + answer would pass max_len. A raw 'prompt' is the whole message."""
+    raw = "prompt" in record
+    head, tail, answer_prefix = ("", "", "") if raw else (
+        JSONL_HEAD, f"\n\nQuestion: {record['input']}" if record["input"] else "\n\n", "Answer:")
+    budget = max_new_tokens or generation_budget(tok, record["answers"])
+    room = max_len - budget - len(prompt_tokens(tok, head + tail, answer_prefix, chat)[0])
+    refuse([(room < 2, f"record {record['id']}: its question and answer alone exceed --max-len {max_len}")])
+    ids = tok.encode(record["prompt" if raw else "context"])
+    cut = len(ids) > room
+    context = tok.decode(ids[:room // 2]) + tok.decode(ids[len(ids) - (room - room // 2):]) if cut else tok.decode(ids)
+    tokens = prompt_tokens(tok, head + context + tail, answer_prefix, chat)[0]
+    return dict(task="jsonl", id=record["id"], tokens=tokens, max_new_tokens=budget, answers=record["answers"],
+                length=len(tokens) + budget, truncated=cut)
+
 # ---- InfiniteBench: the 12 tasks, their prompts and generation budgets --------------------------------------
-IB_TEMPLATES = {  # prompt.py's yarn_mistral_templates
-    "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
-               "quiz you about the important information.\n\n{context}\n\n{input}\n\nThe pass key is",
-    "number_string": "There is an important info hidden inside a lot of irrelevant text. Find it. I will quiz you "
-                     "about the important information there.\n\n{context}\n\n{input}\n\nThe sequence of digits is",
-    "kv_retrieval": "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n"
-                    "{input}",
-    "longbook_sum_eng": "Summarize the book below.\n\n{context}\n\nSummary:",
-    "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\nA. "
-                           "{OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe letter of the correct "
-                           "answer is",
-    "longbook_qa_eng": "Read the book and answer the question. Be very concise in your answer.\n\n{context}\n\n"
-                       "Question: {question}\nAnswer:",
-    "longbook_qa_chn": "阅读以下书籍然后回答问题。\n\n{context}\n\n问题：{question}\n答案：",
-    "longdialogue_qa_eng": "Below is a dialogue script where one random occurrence of a character name is replaced "
-                           "with \"$$MASK$$\", and you should try to guess who that character is.\n\n{context}\n\n"
-                           "The name that has been replaced with $$MASK$$ is likely",
-    "math_find": "{prefix}\n\n{context}\n\n{input}",
-    "math_calc": "Let us calculate the intermediate values of an expression.\n\nExpression: 1 + 3 + 4\nValues: "
-                 "[1, 4, 8]\n\nExpression: 8 - 3 + 2 - 4\nValues: [8, 5, 7, 3]\n\nExpression: {context}\nValues:",
-    "code_run": "There is a function called {func} in the following Python code.\n\n{context}\n\nPlease compute the "
-                "exact value of {func_call}. The value of {func_call} is",
-    "code_debug": "Following is a Python code where exactly one of the functions/methods has a deliberate error that "
-                  "makes it crash.\n\n{context}\n\nOptions:\nA. {OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. "
-                  "{OPTION_D}\n\nThe correct option is:",
-}
-IB_BUDGET = {"passkey": 6, "number_string": 12, "kv_retrieval": 50, "longbook_sum_eng": 1200,  # new tokens
-             "longbook_choice_eng": 40, "longbook_qa_eng": 40, "longbook_qa_chn": 40, "longdialogue_qa_eng": 40,
-             "math_find": 3, "math_calc": 30000, "code_run": 5, "code_debug": 5}
+FACTS = json.loads(pathlib.Path(__file__).with_name("longbench.json").read_text(encoding="utf-8"))
+IB_TEMPLATES = FACTS["infinitebench"]  # prompt.py's yarn_mistral_templates, one per task
+IB_BUDGET = FACTS["infinitebench_budget"]  # new tokens: passkey 6 ... longbook_sum_eng 1200, math_calc 30000
 IB_TASKS = list(IB_BUDGET)
 
 def ib_prompt(task: str, r: dict) -> str:
@@ -70,42 +100,12 @@ def ib_answer(task: str, r: dict):
     return [answer, "ABCD"[r["options"].index(answer)]]
 
 # ---- LV-Eval: 11 datasets at 5 length levels ----------------------------------------------------------------
-ONLY = "Only give me the answer and do not output any other explanation and evidence."
-ONE_PASSAGE = (f"Please answer the following question based on the given passages. Questions and answers are only "
-               f"relevant to one passage. {ONLY}\n\nArticle: {{context}}\n\nPlease answer the following question "
-               f"based on the above passages. Questions and answers are only relevant to one passage. {ONLY}\n\n"
-               f"Question: {{input}}\nAnswer:")
-ZH_TAIL = "问题和答案只与其中一篇文章有关。\n\n文章：{context}\n\n"
-LV_PROMPT = {  # config.py's DATASET_PROMPT
-    "hotpotwikiqa_mixup": f"Answer the question based on the given passages. Questions and answers are only relevant "
-                          f"to some passages. {ONLY}\n\nArticle: {{context}}\n\nPlease answer the following question "
-                          f"based on the above passages. Questions and answers are only relevant to some passages. "
-                          f"{ONLY}\n\nQuestion: {{input}}\nAnswer:",
-    "loogle_SD_mixup": ONE_PASSAGE, "loogle_CR_mixup": ONE_PASSAGE, "loogle_MIR_mixup": ONE_PASSAGE,
-    "multifieldqa_en_mixup": ONE_PASSAGE,
-    "multifieldqa_zh_mixup": "请阅读以下文章并用中文回答问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的答案，不要输出其他任何解释和证据。"
-                             "\n\n文章：{context}\n\n请基于上面的文章回答下面的问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的"
-                             "答案，不要输出其他任何解释和证据。\n\n问题：{input}\n回答：",
-    "factrecall_en": "Please answer the following questions based on the given article.\n\nArticle: {context}\n\n"
-                     "Please answer the following questions based on the above article.\n\nQuestion: {input}\nAnswer:",
-    "factrecall_zh": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n现在请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
-    "cmrc_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "现在请基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
-                  "问题：{input}\n回答：",
-    "lic_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "请现在基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
-                 "问题：{input}\n回答：",
-    "dureader_mixup": "请根据下面给定的文章回答问题，" + ZH_TAIL + "现在请基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n"
-                      "问题：{input}\n回答：",
-}
-LV_DATASETS = list(LV_PROMPT)
-LV_LEVELS = ["16k", "32k", "64k", "128k", "256k"]
+LV_PROMPT, LV_BUDGET = FACTS["lveval"], FACTS["lveval_budget"]  # DATASET_PROMPT; DATASET_MAXGEN: 64, factrecall 16
+LV_METRIC = FACTS["lveval_metric"]  # DATASET_METRIC, by the name of metrics.py's function
+LV_DATASETS, LV_LEVELS = list(LV_PROMPT), ["16k", "32k", "64k", "128k", "256k"]
 LV_RESERVE = 500  # the README's "model_max_length (-500 to reserve output window)": the default --max-len
-lv_budget = lambda dataset: 16 if dataset.startswith("factrecall") else 64  # DATASET_MAXGEN
 # metrics.py's blacklists: words that do not count towards an answer keyword's recall
-ABANDON_EN = set("and to of in her was with for it from is that his he by she they or at because be on are their "
-                 "what as had were about being this who but have has when which does".split())
-ABANDON_ZH = set("的 和 是 等 在 年 可以 为 与 ‰ 了 或 一种 月 c 至 日 有 进行 于 不 中 × 根据 小 由 亩 也 要 指 法 会 元 主要 以及 通过 首先 "
-                 "对 然后 号 以 所 后 丁 包括 无 将 用 能 形 方面 因素 位于 而 从 到 一定 用于 但 使用 让 具有 并 亿元 万元 上 类 基于 才 来 地 "
-                 "片 其他 个 或者 变得 时 给 你 使 条 受 已经 带 度".split())
+ABANDON_EN, ABANDON_ZH = set(FACTS["lveval_blacklist_en"]), set(FACTS["lveval_blacklist_zh"])
 
 def lv_name(stem: str) -> tuple[str, str]:  # "cmrc_mixup_16k" -> ("cmrc_mixup", "16k"), as evaluation.py splits it
     return re.split(r"_.{1,3}k", stem)[0], stem.split("_")[-1]
@@ -128,8 +128,7 @@ def normalize_answer(text: str) -> str:  # SQuAD's, and both benchmarks': lower 
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
-ZH_PUNCTUATION = set(string.punctuation + "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰"
-                                          "〾〿–—‘’‛“”„‟…‧﹏.")
+ZH_PUNCTUATION = set(string.punctuation + FACTS["zh_punctuation"])
 
 def normalize_zh(text: str) -> str:  # normalize_zh_answer: lower case, no punctuation (Chinese too), no spaces
     return "".join(ch for ch in "".join(text.lower().split()) if ch not in ZH_PUNCTUATION)
@@ -266,9 +265,6 @@ def score_math_calc(prediction, label):  # the share of values right from the fi
         right += 1
     return right / len(label)
 
-def score_zh_chars(prediction, label):  # qa_f1_score_zh: F1 over characters, one character one token
-    return max(f1(list(normalize_zh(prediction)), list(normalize_zh(a))) for a in label)
-
 IB_SCORERS = {
     "passkey": lambda p, label: first(label) == first_int(p),
     "number_string": lambda p, label: first(label) == first_int(p),
@@ -277,20 +273,18 @@ IB_SCORERS = {
     "longbook_sum_eng": rouge_lsum,
     "longbook_choice_eng": score_choice,
     "longbook_qa_eng": lambda p, label: token_f1(p, [label] if isinstance(label, str) else label),
-    "longbook_qa_chn": lambda p, label: score_zh_chars(p, [label] if isinstance(label, str) else label),
+    "longbook_qa_chn": lambda p, label: max(f1(list(normalize_zh(p)), list(normalize_zh(a)))  # one character
+                                            for a in ([label] if isinstance(label, str) else label)),  # one token
     "math_find": score_math_find, "math_calc": score_math_calc, "code_run": score_code_run,
     "code_debug": score_code_debug,
 }
 
 # ---- LV-Eval's scorers (metrics.py), through DATASET_METRIC -------------------------------------------------
-def jieba():
-    return optional("jieba", "LV-Eval's Chinese datasets segment words with jieba")
-
-def optional(package: str, why: str):
+def jieba():  # imported only for LV-Eval's Chinese datasets
     try:
-        return importlib.import_module(package)
+        return importlib.import_module("jieba")
     except ImportError:
-        raise UserError(f"{why}: pip install {package}") from None
+        raise UserError("LV-Eval's Chinese datasets segment words with jieba: pip install jieba") from None
 
 def lv_words(text: str, chinese: bool) -> list[str]:  # normalised words: English by spaces, Chinese by jieba
     if not chinese:
@@ -322,13 +316,6 @@ LV_FUNCTIONS = {  # metrics.py's, by name
     "qa_f1_zh_score": lambda p, r, k: lv_f1(p, r, k, True, None),
     "qa_f1_zh_score_with_gold_ans": lambda p, r, k: lv_f1(p, r, k, True, 0.4),
     "rouge_zh_score_blacklist": lv_rouge_zh}
-LV_METRIC = dict(  # config.py's DATASET_METRIC
-    hotpotwikiqa_mixup="qa_f1_score_with_gold_ans", loogle_SD_mixup="qa_f1_score_with_gold_ans",
-    loogle_CR_mixup="qa_f1_score_with_gold_ans", loogle_MIR_mixup="qa_f1_score_with_gold_ans",
-    multifieldqa_en_mixup="qa_f1_score_with_gold_ans", multifieldqa_zh_mixup="qa_f1_zh_score_with_gold_ans",
-    factrecall_en="qa_f1_score", factrecall_zh="qa_f1_zh_score", cmrc_mixup="qa_f1_zh_score_with_gold_ans",
-    lic_mixup="qa_f1_zh_score_with_gold_ans", dureader_mixup="rouge_zh_score_blacklist")
-
 def score(bench: str, task: str, prediction: str, answers, keywords=None) -> float:
     """One item's score, 0 to 1: InfiniteBench's scorer of the task; LV-Eval's metric of the dataset against its
     first reference answer only (evaluation.py's scorer breaks after one)."""
@@ -352,7 +339,7 @@ def find_files(bench: str, folder: str, tasks: list[str], levels: list[str]) -> 
             found.append((task, path))
     return found, skipped
 
-def read_records(bench: str, task: str, path: str) -> Iterator[dict]:
+def bench_records(bench: str, task: str, path: str) -> Iterator[dict]:
     """One record at a time (InfiniteBench's books are ~200K tokens each): its task, line, id, filled prompt,
     answers, generation budget; LV-Eval's also its answer keywords, question and length in words."""
     for line, r in data.read_jsonl(path):
@@ -366,11 +353,29 @@ def read_records(bench: str, task: str, path: str) -> Iterator[dict]:
             if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
                 raise ValueError("its 'answers' is not a non-empty list of strings")
             yield dict(task=task, line=line, id=line, text=LV_PROMPT[dataset].format(**r), answers=answers,
-                       keywords=r.get("answer_keywords"), budget=lv_budget(dataset), question=r.get("input"),
+                       keywords=r.get("answer_keywords"), budget=LV_BUDGET[dataset], question=r.get("input"),
                        words=r.get("length"))
         except (KeyError, IndexError, ValueError, TypeError) as e:
             why = f"it has no {e} field" if isinstance(e, KeyError) else str(e)
             raise UserError(f"{path} line {line}: not {bench} {task} record ({why})") from None
+
+def bench_sample(tok, it: dict, bench: str, max_len: int | None, window: int, chat: bool) -> dict:
+    """A record's filled prompt cut in the middle to --max-len tokens as its benchmark cuts it (default:
+    InfiniteBench, the window less the task's budget and the chat frame; LV-Eval, the window less 500), framed."""
+    frame, budget = len(prompt_tokens(tok, "", "", chat)[0]), it["budget"]
+    max_len = max_len or window - (budget + frame if bench == "infinitebench" else LV_RESERVE)
+    refuse([(max_len < 2, f"{it['task']}: the window of {window} tokens leaves no room for a prompt beside its "
+                          f"{budget}-token answer; pass --max-len, or --tasks without it")])
+    text, cut = cut_middle(tok, it["text"], max_len, bench)
+    tokens = prompt_tokens(tok, text, "", chat)[0]
+    return dict({k: v for k, v in it.items() if k not in ("text", "budget")}, tokens=tokens, max_new_tokens=budget,
+                truncated=cut, length=len(tokens) + budget)
+
+def prediction_record(bench: str, it: dict) -> dict:  # an item as the benchmark's own prediction files hold it
+    if bench == "infinitebench":  # eval_yarn_mistral.py's preds_<task>.jsonl
+        return dict(id=it["id"], prediction=it["prediction"], ground_truth=it["answers"])
+    return dict(pred=it["prediction"], answers=it["answers"], gold_ans=it["keywords"], input=it["question"],
+                length=it["words"])  # prediction.py's <dataset>_<level>.jsonl
 
 def read_predictions(bench: str, paths: list[str]) -> list[dict]:
     """Predictions made elsewhere, in the benchmark's own files: InfiniteBench's preds_<task>.jsonl ('prediction'
@@ -379,18 +384,17 @@ def read_predictions(bench: str, paths: list[str]) -> list[dict]:
     for path in paths:
         stem = os.path.basename(path).removesuffix(".jsonl")
         task = stem.removeprefix("preds_") if bench == "infinitebench" else stem
-        known = task in IB_TASKS and stem != task if bench == "infinitebench" else \
-            lv_name(stem)[0] in LV_DATASETS and lv_name(stem)[1] in LV_LEVELS
-        if not known:
-            raise UserError(f"{path}: {bench} prediction files are named " + (
-                "preds_<task>.jsonl after one of its 12 tasks" if bench == "infinitebench" else
-                "<dataset>_<level>.jsonl after one of its 11 datasets and 5 levels (16k ... 256k)"))
+        refuse([(bench == "infinitebench" and (stem == task or task not in IB_TASKS), f"{path}: InfiniteBench's "
+                 f"prediction files are named preds_<task>.jsonl after one of its 12 tasks"),
+                (bench == "lveval" and (lv_name(stem)[0] not in LV_DATASETS or lv_name(stem)[1] not in LV_LEVELS),
+                 f"{path}: LV-Eval's prediction files are named <dataset>_<level>.jsonl after one of its 11 datasets "
+                 f"and its levels 16k ... 256k")])
         fields = (["prediction", "pred"], ["ground_truth", "label"]) if bench == "infinitebench" else (["pred"], ["answers"])
         for line, r in data.read_jsonl(path):
             pred, label = (next((r[k] for k in keys if k in r), None) for keys in fields)
-            if not isinstance(pred, str) or label is None or bench == "lveval" and not (isinstance(label, list) and label):
-                raise UserError(f"{path} line {line}: a prediction record needs a string '{fields[0][0]}' and "
-                                f"'{fields[1][0]}' (" + ("a non-empty list)" if bench == "lveval" else "the label)"))
+            refuse([(not isinstance(pred, str) or label is None or bench == "lveval" and not (
+                isinstance(label, list) and label), f"{path} line {line}: a prediction record needs a string "
+                f"'{fields[0][0]}' and '{fields[1][0]}' (" + ("a non-empty list)" if bench == "lveval" else "the label)"))])
             items.append(dict(task=task, id=r.get("id", line), prediction=pred, answers=label, keywords=r.get("gold_ans")))
     return items
 
