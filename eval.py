@@ -355,12 +355,6 @@ def run_ruler(args, model, tok, d, log):
     save_text(os.path.join(args.out, "ruler.md"), markdown_table(["length", *args.tasks, "average"], rows) + "\n")
     print(markdown_table(["length", *args.tasks, "average"], rows))
 
-def bench_files(args):  # [(task, path)] of --data's InfiniteBench or LV-Eval files; the missing ones named once
-    found, skipped = longbench.find_files(args.task, args.data[0], args.tasks, args.levels)
-    print("".join(f"skipped {task}: it {why}\n" for task, why in skipped.items()), end="")
-    refuse([(not found, f"--data {args.data[0]} holds none of the {args.task} files asked for")])
-    return found
-
 def bench_samples(args, tok, task, path):  # (key, build() -> sample) of each record of one file, read one at a time
     return ((f"{task} line {it['line']}", partial(longbench.bench_sample, tok, it, args.task, args.max_len,
                                                   args.window, args.chat))
@@ -369,14 +363,15 @@ def bench_samples(args, tok, task, path):  # (key, build() -> sample) of each re
 def prepare_bench(args, tok):
     """--prepare-only: the final prompts (cut, framed), OUT/<task>.jsonl, one record per item: id, input (the
     whole text, <|begin_of_text|> first), answers, max_new_tokens, truncated (LV-Eval: its gold_ans too)."""
-    for task, path in bench_files(args):
+    for task, path in longbench.find_files(args.task, args.data[0], args.tasks, args.levels):
         write_jsonl(os.path.join(args.out, f"{task}.jsonl"), (dict(
             id=s["id"], input=tok.decode(s["tokens"]), answers=s["answers"], max_new_tokens=s["max_new_tokens"],
             truncated=s["truncated"], **({"gold_ans": s["keywords"]} if args.task == "lveval" else {}))
             for s in (build() for _, build in bench_samples(args, tok, task, path))))
 
 def run_bench(args, model, tok, d, log):
-    samples = (pair for task, path in bench_files(args) for pair in bench_samples(args, tok, task, path))
+    samples = (pair for task, path in longbench.find_files(args.task, args.data[0], args.tasks, args.levels)
+               for pair in bench_samples(args, tok, task, path))
     items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc=args.task)
     if d.is_main:
         finish_bench(args, items)
@@ -478,11 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def fill_defaults(args, window: int):
-    args.levels = None
-    if args.task == "lveval":  # its length levels name its files; they are not token counts
-        args.levels, args.lengths = (args.lengths or ",".join(longbench.LV_LEVELS)).lower().split(","), None
-    args.window, args.lengths = window, sorted({rope.parse_size(x) for x in args.lengths.split(",")} if args.lengths
-                                               else {max(256, window // k) for k in (8, 4, 2, 1)})
+    lveval = args.task == "lveval"  # its length levels name its files: they are not token counts
+    args.levels = (args.lengths or ",".join(longbench.LV_LEVELS)).lower().split(",") if lveval else None
+    args.window, args.lengths = window, sorted({rope.parse_size(x) for x in args.lengths.split(",")}
+                                               if args.lengths and not lveval else {max(256, window // k) for k in (8, 4, 2, 1)})
     args.max_len = rope.parse_size(args.max_len) if args.max_len else None if args.task in BENCHES else window
     try:
         args.depths = [float(x) for x in args.depths.split(",")]
@@ -494,7 +488,7 @@ def fill_defaults(args, window: int):
     refuse([(args.task == "jsonl" and not args.path, "jsonl needs a file: python eval.py jsonl FILE.jsonl"),
             (not set(args.tasks) <= set(known), f"--tasks: unknown {set(args.tasks) - set(known)}; "
                                                 f"{args.task}'s are {', '.join(known)}"),
-            (args.task == "lveval" and not set(args.levels) <= set(longbench.LV_LEVELS),
+            (lveval and not set(args.levels) <= set(longbench.LV_LEVELS),
              f"--lengths: LV-Eval's levels are {', '.join(longbench.LV_LEVELS)}, not {', '.join(args.levels or [])}"),
             (args.task in BENCHES and not args.data, f"{args.task} needs --data DIR, the folder of its own .jsonl files"),
             ((args.task in BENCHES or args.task == "ruler" and args.data) and not os.path.isdir(folder),

@@ -324,20 +324,20 @@ def score(bench: str, task: str, prediction: str, answers, keywords=None) -> flo
     return float(LV_FUNCTIONS[LV_METRIC[lv_name(task)[0]]](prediction, answers[0], keywords))
 
 # ---- Reading the benchmarks' files ---------------------------------------------------------------------------
-def find_files(bench: str, folder: str, tasks: list[str], levels: list[str]) -> tuple[list, dict]:
-    """[(task, path)] of the benchmark's own files in folder, and {task: why} for those skipped (no file).
-    InfiniteBench: folder/<task>.jsonl; LV-Eval: folder/<dataset>_<level>.jsonl, or inside folder/<dataset>/
-    (as its zips unpack)."""
-    found, skipped = [], {}
+def find_files(bench: str, folder: str, tasks: list[str], levels: list[str]) -> list[tuple[str, str]]:
+    """[(task, path)] of the benchmark's own files in folder, those absent named once. InfiniteBench:
+    folder/<task>.jsonl; LV-Eval: folder/<dataset>_<level>.jsonl, or inside folder/<dataset>/ (as its zips unpack)."""
+    found = []
     names = [(t, t) for t in tasks] if bench == "infinitebench" else [(f"{d}_{n}", d) for d in tasks for n in levels]
     for task, sub in names:
         path = next((p for p in (os.path.join(folder, f"{task}.jsonl"), os.path.join(folder, sub, f"{task}.jsonl"))
                      if os.path.isfile(p)), None)
         if path is None:
-            skipped[task] = f"has no file {task}.jsonl in {folder}"
+            print(f"skipped {task}: there is no {task}.jsonl in {folder}")
         else:
             found.append((task, path))
-    return found, skipped
+    refuse([(not found, f"--data {folder} holds none of the {bench} files asked for")])
+    return found
 
 def bench_records(bench: str, task: str, path: str) -> Iterator[dict]:
     """One record at a time (InfiniteBench's books are ~200K tokens each): its task, line, id, filled prompt,
@@ -421,4 +421,4 @@ def table(bench: str, items: list[dict]) -> tuple[dict, dict, list[str], list[li
     averages = {n: round(sum(v) / len(v), 2) for n, v in ran.items()}
     summary = dict(average=averages, datasets={n: len(v) for n, v in ran.items()})
     return aggregate, summary, ["dataset", *levels], rows + [
-        ["average", *[f"{averages[n]} ({len(ran[n])} datasets)" for n in levels]]]
+        ["average", *[f"{averages[n]} ({len(ran[n])} of {len(LV_DATASETS)} datasets)" for n in levels]]]
