@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-import data
 import eval as E
 import longbench as L
 import rope
