@@ -113,6 +113,10 @@ def test_cut_middle_keeps_each_benchmarks_ends(tok, max_len):
     lv, _ = L.cut_middle(tok, text, max_len, "lveval")
     assert lv == tok.decode(ids[1:half]) + tok.decode(ids[-half:])  # each end decoded on its own
     assert ib.startswith("w0 w1") and ib.endswith("w398 w399") and len(tok.encode(ib)) <= 2 * half - 1
+    zh = "北京是中国的首都。" * 40  # a cut inside a character: decoded together its bytes meet, decoded apart they do not
+    ids = [tok.bos_id] + tok.encode(zh)
+    assert L.cut_middle(tok, zh, max_len, "infinitebench")[0] == tok.decode(ids[1:half] + ids[-half:]) \
+        != L.cut_middle(tok, zh, max_len, "lveval")[0] == tok.decode(ids[1:half]) + tok.decode(ids[-half:])
     short = " ".join(f"w{i}" for i in range(10))
     assert L.cut_middle(tok, short, len(tok.encode(short)) + 1, "lveval") == (short, False)  # fits with the bos
     assert L.cut_middle(tok, short, len(tok.encode(short)), "lveval")[1]
