@@ -490,9 +490,8 @@ def fill_defaults(args, window: int):
                                                 f"{args.task}'s are {', '.join(known)}"),
             (lveval and not set(args.levels) <= set(longbench.LV_LEVELS),
              f"--lengths: LV-Eval's levels are {', '.join(longbench.LV_LEVELS)}, not {', '.join(args.levels or [])}"),
-            (args.task in BENCHES and not args.data, f"{args.task} needs --data DIR, the folder of its own .jsonl files"),
             ((args.task in BENCHES or args.task == "ruler" and args.data) and not os.path.isdir(folder),
-             f"--data {folder} is not a folder (one folder of the benchmark's own files)"),
+             f"{args.task} --data needs one folder of the benchmark's own files; {folder or 'none'} is not one"),
             (args.lengths[0] < 2, f"length {args.lengths[0]} is too short to evaluate anything"),
             (any(not 0 <= x <= 1 for x in args.depths), "--depths must lie between 0 and 1"),
             *[(getattr(args, k) is not None and getattr(args, k) < 1, f"--{k.replace('_', '-')} must be at least 1")
@@ -512,10 +511,9 @@ def main(argv=None) -> int:
         if args.task == "ppl" and max(world, args.cp) > 1:
             raise UserError("ppl has no context-parallel path; run it as one process, without torchrun")
         check_cp_launch(args.cp, world)
-        task_folder = os.path.dirname(os.path.abspath(args.path or "."))
-        if args.task == "jsonl" and os.path.basename(args.path or "") == "validation.jsonl" and \
-                os.path.basename(task_folder) in ruler.TASKS:  # RULER's own file: its task is its folder's name
-            args.task, args.data, args.tasks = "ruler", [os.path.dirname(task_folder)], os.path.basename(task_folder)
+        folder = pathlib.Path(args.path or "").absolute().parent  # RULER's own file: its folder names its task
+        if args.task == "jsonl" and (args.path or "").endswith("validation.jsonl") and folder.name in ruler.TASKS:
+            args.task, args.data, args.tasks = "ruler", [str(folder.parent)], folder.name
         args.out = args.out or os.path.join("out", "eval", args.task)
         try:  # before any weight loads: a folder that cannot hold the results fails now, not hours later
             os.makedirs(args.out, exist_ok=True)

@@ -1,13 +1,12 @@
 """InfiniteBench (Zhang et al., 2024) and LV-Eval (Yuan et al., 2024), the paper's two realistic long-context
 benchmarks, built and scored as their own code does, so that our numbers stand beside the paper's tables
-(InfiniteBench: UltraLong-1M 32%, Llama-3.1-8B-Instruct 24%). eval.py runs them (`infinitebench`, `lveval`).
-
+(InfiniteBench: UltraLong-1M 32%, Llama-3.1-8B-Instruct 24%); eval.py runs them (`infinitebench`, `lveval`).
 Followed, as facts: OpenBMB/InfiniteBench src/prompt.py (yarn_mistral_templates: the open-model template that
 its scripts give YaRN-Mistral, Yi and ChatGLM3), src/eval_utils.py (create_prompt, get_answer,
 DATA_NAME_TO_MAX_NEW_TOKENS), src/eval_yarn_mistral.py (truncate_input), src/compute_scores.py (one scorer
 per task); infinigence/LVEval config.py (DATASET_PROMPT, DATASET_MAXGEN, DATASET_METRIC), utils.py
 (truncate_prompt), metrics.py, evaluation.py (the scorer: the first reference only, round(100 x mean, 2)).
-The deliberate differences are listed in the README.
+The deliberate differences are listed in the README. Here too: the frame every evaluation prompt shares.
 """
 import collections, importlib, json, os, pathlib, re, string
 from collections.abc import Iterator
@@ -203,8 +202,8 @@ def first(label):  # a one-answer label, list or not
 def number(label):  # an int or float label; a numeric string (as Hugging Face datasets store it) read as one
     return (float(label) if "." in label else int(label)) if isinstance(label, str) else label
 
-def first_int(prediction: str) -> str:  # first_int_match: the first run of digits
-    return next((x for x in re.split("[^0-9]", prediction) if x), "")
+def score_first_int(prediction, label):  # first_int_match: the first run of digits is the label
+    return first(label) == next((x for x in re.split("[^0-9]", prediction) if x), "")
 
 def score_code_run(prediction, label):  # the prediction's last word as an integer
     words = squeeze(prediction.strip(), ["\n", ".", "`", "'", '"', ":"]).split()
@@ -258,16 +257,12 @@ def score_math_find(prediction, label):  # the first number, compared as the lab
 
 def score_math_calc(prediction, label):  # the share of values right from the first until the first wrong one
     label = label[0] if isinstance(label[0], list) else label
-    values, right = [int(x) for x in re.split("[^0-9]", prediction) if x], 0
-    for want, got in zip(label, values):
-        if want != got:
-            break
-        right += 1
-    return right / len(label)
+    values = [int(x) for x in re.split("[^0-9]", prediction) if x]  # digits only: a minus sign is lost, as theirs
+    pairs = list(zip(label, values))
+    return next((i for i, (want, got) in enumerate(pairs) if want != got), len(pairs)) / len(label)
 
 IB_SCORERS = {
-    "passkey": lambda p, label: first(label) == first_int(p),
-    "number_string": lambda p, label: first(label) == first_int(p),
+    "passkey": score_first_int, "number_string": score_first_int,
     "kv_retrieval": lambda p, label: first(label) in squeeze(p, KV_SPLIT).split(),
     "longdialogue_qa_eng": lambda p, label: first(label) in [w.upper() for w in squeeze(p.strip(), KV_SPLIT).split()],
     "longbook_sum_eng": rouge_lsum,
@@ -348,8 +343,7 @@ def bench_records(bench: str, task: str, path: str) -> Iterator[dict]:
                 yield dict(task=task, line=line, id=r.get("id", line), text=ib_prompt(task, r),
                            answers=ib_answer(task, r), budget=IB_BUDGET[task])
                 continue
-            dataset = lv_name(task)[0]
-            answers = r["answers"]
+            dataset, answers = lv_name(task)[0], r["answers"]
             if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
                 raise ValueError("its 'answers' is not a non-empty list of strings")
             yield dict(task=task, line=line, id=line, text=LV_PROMPT[dataset].format(**r), answers=answers,
@@ -380,21 +374,19 @@ def prediction_record(bench: str, it: dict) -> dict:  # an item as the benchmark
 def read_predictions(bench: str, paths: list[str]) -> list[dict]:
     """Predictions made elsewhere, in the benchmark's own files: InfiniteBench's preds_<task>.jsonl ('prediction'
     or 'pred'; 'ground_truth' or 'label'), LV-Eval's <dataset>_<level>.jsonl ('pred', 'answers', 'gold_ans')."""
-    items = []
+    ib, items = bench == "infinitebench", []
     for path in paths:
         stem = os.path.basename(path).removesuffix(".jsonl")
-        task = stem.removeprefix("preds_") if bench == "infinitebench" else stem
-        refuse([(bench == "infinitebench" and (stem == task or task not in IB_TASKS), f"{path}: InfiniteBench's "
-                 f"prediction files are named preds_<task>.jsonl after one of its 12 tasks"),
-                (bench == "lveval" and (lv_name(stem)[0] not in LV_DATASETS or lv_name(stem)[1] not in LV_LEVELS),
-                 f"{path}: LV-Eval's prediction files are named <dataset>_<level>.jsonl after one of its 11 datasets "
-                 f"and its levels 16k ... 256k")])
-        fields = (["prediction", "pred"], ["ground_truth", "label"]) if bench == "infinitebench" else (["pred"], ["answers"])
+        task = stem.removeprefix("preds_") if ib else stem
+        known = task in IB_TASKS and stem != task if ib else lv_name(stem) in {(d, n) for d in LV_DATASETS for n in LV_LEVELS}
+        refuse([(not known, f"{path}: {bench}'s prediction files are named " + (
+            "preds_<task>.jsonl after one of its 12 tasks" if ib else "<dataset>_<level>.jsonl (levels 16k ... 256k)"))])
+        fields = (["prediction", "pred"], ["ground_truth", "label"]) if ib else (["pred"], ["answers"])
         for line, r in data.read_jsonl(path):
             pred, label = (next((r[k] for k in keys if k in r), None) for keys in fields)
-            refuse([(not isinstance(pred, str) or label is None or bench == "lveval" and not (
-                isinstance(label, list) and label), f"{path} line {line}: a prediction record needs a string "
-                f"'{fields[0][0]}' and '{fields[1][0]}' (" + ("a non-empty list)" if bench == "lveval" else "the label)"))])
+            refuse([(not isinstance(pred, str) or label is None or not ib and not (isinstance(label, list) and label),
+                     f"{path} line {line}: a prediction record needs a string '{fields[0][0]}' and '{fields[1][0]}'"
+                     + (" (a non-empty list)" if not ib else ""))])
             items.append(dict(task=task, id=r.get("id", line), prediction=pred, answers=label, keywords=r.get("gold_ans")))
     return items
 
@@ -408,17 +400,14 @@ def table(bench: str, items: list[dict]) -> tuple[dict, dict, list[str], list[li
     aggregate = {t: sum(s) / len(s) * 100 if bench == "infinitebench" else round(100 * sum(s) / len(s), 2)
                  for t, s in scores.items()}
     if bench == "infinitebench":
-        average = sum(aggregate.values()) / len(aggregate)
+        summary = dict(average=sum(aggregate.values()) / len(aggregate), tasks=len(aggregate))
         rows = [[t, f"{aggregate[t]:.2f}", len(scores[t])] for t in IB_TASKS if t in aggregate]
-        summary = dict(average=average, tasks=len(aggregate))
         return aggregate, summary, ["task", "score", "items"], rows + [
-            ["average", f"{average:.2f}", f"{len(aggregate)} of {len(IB_TASKS)} tasks"]]
+            ["average", f"{summary['average']:.2f}", f"{len(aggregate)} of {len(IB_TASKS)} tasks"]]
     levels = [n for n in LV_LEVELS if any(lv_name(t)[1] == n for t in aggregate)]
-    cell = lambda d, n: aggregate.get(f"{d}_{n}")
-    rows = [[d, *["-" if cell(d, n) is None else cell(d, n) for n in levels]]
-            for d in LV_DATASETS if any(cell(d, n) is not None for n in levels)]
-    ran = {n: [cell(d, n) for d in LV_DATASETS if cell(d, n) is not None] for n in levels}
-    averages = {n: round(sum(v) / len(v), 2) for n, v in ran.items()}
-    summary = dict(average=averages, datasets={n: len(v) for n, v in ran.items()})
+    ran = {n: {d: aggregate[f"{d}_{n}"] for d in LV_DATASETS if f"{d}_{n}" in aggregate} for n in levels}
+    rows = [[d, *[ran[n].get(d, "-") for n in levels]] for d in LV_DATASETS if any(d in ran[n] for n in levels)]
+    summary = dict(average={n: round(sum(v.values()) / len(v), 2) for n, v in ran.items()},
+                   datasets={n: len(v) for n, v in ran.items()})
     return aggregate, summary, ["dataset", *levels], rows + [
-        ["average", *[f"{averages[n]} ({len(ran[n])} of {len(LV_DATASETS)} datasets)" for n in levels]]]
+        ["average", *[f"{summary['average'][n]} ({len(ran[n])} of {len(LV_DATASETS)} datasets)" for n in levels]]]

@@ -349,12 +349,13 @@ def test_bad_benchmark_input_is_one_sentence(tiny_dir, bench_dirs, tmp_path, cap
               "code_run record (list index out of range)"),
              (["infinitebench", "--data", str(bad), "--tasks", "passkey"], "passkey.jsonl line 1: not infinitebench "
               "passkey record (it has no 'context' field)"),
-             (["infinitebench", "--data", str(tmp_path / "none")], "is not a folder"),
+             (["infinitebench", "--data", str(tmp_path / "none")], f"{tmp_path / 'none'} is not one"),
              (["infinitebench", "--data", str(bench_dirs / "lv")], "holds none of the infinitebench files asked for"),
              (["lveval", "--data", str(bench_dirs / "lv"), "--lengths", "8k"], "--lengths: LV-Eval's levels are 16k"),
-             (["infinitebench", "--tasks", "passkey"], "infinitebench needs --data DIR"),
+             (["infinitebench", "--tasks", "passkey"], "infinitebench --data needs one folder of the benchmark's "
+              "own files; none is not one"),
              (["infinitebench", "--score", str(bench_dirs / "ib" / "passkey.jsonl")], "are named preds_<task>.jsonl"),
-             (["lveval", "--score", str(bench_dirs / "ib" / "passkey.jsonl")], "are named <dataset>_<level>.jsonl"),
+             (["lveval", "--score", str(bench_dirs / "ib" / "passkey.jsonl")], "are named <dataset>_<level>.jsonl (levels"),
              (["niah", "--score", "x.jsonl"], "--score scores infinitebench or lveval prediction files, not niah")]
     for i, (argv, sentence) in enumerate(cases):
         assert E.main([*argv, *base, "--out", str(tmp_path / f"out{i}")]) == 2
