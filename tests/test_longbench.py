@@ -148,6 +148,7 @@ def test_infinitebench_retrieval_and_code_scorers():
     assert ib("number_string", "3000077442.", "3000077442") == 1
     assert ib("kv_retrieval", 'is: "c14cb8ba-002b".', "c14cb8ba-002b") == 1  # split on \n : " ' . , ? ! { }
     assert ib("kv_retrieval", "c14cb8ba-002bX", "c14cb8ba-002b") == 0
+    assert all(ib("kv_retrieval", f"key{c}c14cb8ba-002b{c}", ["c14cb8ba-002b"]) == 1 for c in "\n:\"'.,?!{}")
     assert ib("longdialogue_qa_eng", "ace rothstein!", ["ACE", "ACE ROTHSTEIN"]) == 1  # upper-cased words, label[0]
     assert ib("longdialogue_qa_eng", "Rothstein", ["ACE", "ROTHSTEIN"]) == 0
     assert ib("code_run", "The value is `24`.", [24]) == 1 and ib("code_run", "24, I think", [24]) == 0  # last word
