@@ -90,7 +90,9 @@ def test_lveval_prompts_budgets_and_metrics_are_its_own():
     for d in ("cmrc_mixup", "dureader_mixup"):
         assert L.LV_PROMPT[d].format(**r) == ("请根据下面给定的文章回答问题，问题和答案只与其中一篇文章有关。\n\n文章：CTX\n\n"
                                               "现在请基于上述文章回答下面的问题，问题和答案只与其中一篇文章有关。\n\n问题：Q\n回答：")
-    assert L.LV_PROMPT["multifieldqa_zh_mixup"].format(**r).startswith("请阅读以下文章并用中文回答问题，问题和答案只与其中一篇文章有关。")
+    assert L.LV_PROMPT["multifieldqa_zh_mixup"].format(**r) == (
+        "请阅读以下文章并用中文回答问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的答案，不要输出其他任何解释和证据。\n\n文章：CTX\n\n"
+        "请基于上面的文章回答下面的问题，问题和答案只与其中一篇文章有关。只需要直接给出问题的答案，不要输出其他任何解释和证据。\n\n问题：Q\n回答：")
     assert L.LV_BUDGET == dict({d: 64 for d in L.LV_DATASETS}, factrecall_en=16, factrecall_zh=16)
     assert L.LV_METRIC == dict({d: "qa_f1_score_with_gold_ans" for d in L.LV_DATASETS[:5]},
                                multifieldqa_zh_mixup="qa_f1_zh_score_with_gold_ans", factrecall_en="qa_f1_score",
