@@ -1,9 +1,11 @@
-"""An operator's faults, each caused here: a relaunch of the same command, another run's --out, a second
+"""An operator's faults, each caused here: a relaunch of the same command or with any one option changed, another run's --out, a second
 launch on one --out, SIGTERM/SIGUSR1, damaged checkpoints, a full disk, a longer schedule, a NaN. Each
 checks the sentence, the exit status, which checkpoint is used, and that the losses after the fault equal
 the uninterrupted run's (test_train's `reference`)."""
+import argparse
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,17 @@ import time
 
 import pytest
 
+import sft
+import train
+from test_sft import sft_cmd
 from test_train import STEPS, assert_same_losses, losses, reference, run, train_cmd  # noqa: F401 (a fixture)
+
+# What the README says may change between the launches of one run, and what defines none (which folder or
+# checkpoint, --plan/--tokenize-only, which never train, sft's count of held-out prompts): every other option is
+# part of the run. Written out here, not read from train.py, so that a flag moved there is a failing test.
+RELAUNCH_FREE = {"--steps", "--tokens", "--save-every", "--cp", "--micro-batch", "--compile", "--activation-checkpointing",
+                 "--cache", "--skip-bad", "--out", "--resume", "--plan", "--world", "--tokenize-only", "--heldout"}
+STAGES = {"train": (train.build_parser, train.fill_defaults), "sft": (sft.build_parser, sft.fill_defaults)}
 
 
 def launch(cmd, cwd, timeout=600):
@@ -47,6 +59,84 @@ def test_the_same_command_twice_continues_and_another_run_is_refused(reference):
     assert f"error: {out} holds the checkpoints of another run (--ctx 256 there, 128 here): use another --out, " \
            f"or delete {out / 'checkpoints'} to start over there" in result.stderr
     assert sorted(os.listdir(out / "checkpoints")) == before and metric_steps(out) == list(range(1, STEPS + 1))
+
+
+def relaunch(stage, argv, cwd):
+    """main() of a stage up to its check of --out: the parser, the defaults, the device's defaults, claim_out; the model
+    (which train.run and sft.run load before the check) is not needed. Returns the checkpoint it would continue from."""
+    def claim(args):
+        d = train.prepare(args)
+        try:
+            train.claim_out(args, d)
+        finally:
+            d.lock.close()  # the next launch in this process takes the lock again
+        return args.resume
+    parser, defaults = STAGES[stage]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)  # sft.py takes an ./out/train/hf it finds for --model
+        patch.setenv("WORLD_SIZE", "2")  # as under torchrun: --cp 2 is possible
+        patch.setattr(train, "setup_distributed", lambda cp: train.Dist())  # but no process group
+        return train.main(argv, run=claim, parser=parser, defaults=defaults)
+
+
+@pytest.fixture(scope="module")
+def first_launches(reference):
+    """For each stage, an --out whose run.json its first launch wrote, with a checkpoint; and that launch's argv."""
+    launches = {}
+    for stage, cmd in [("train", train_cmd(reference, reference / "relaunch_train", extra=["--save-every", "2"])),
+                       ("sft", sft_cmd(reference / "chat.jsonl", reference / "relaunch_sft"))]:
+        argv, out = cmd[2:], cmd[cmd.index("--out") + 1]  # without `python train.py`
+        assert relaunch(stage, argv, reference) is None  # a fresh --out: started, run.json written
+        shutil.copytree(reference / "single" / "checkpoints" / "step_00000004",
+                        os.path.join(out, "checkpoints", "step_00000004"), copy_function=os.link)
+        launches[stage] = argv, out
+    return launches
+
+
+def changed(action, base, reference, out):
+    """The argv that changes one option from the first launch's value, chosen from the option's kind."""
+    flag, value = action.option_strings[0], getattr(base, action.dest)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if not value else "--no-" + flag[2:]]
+    if action.nargs == 0:  # store_true
+        return [flag]
+    if flag in ("--model", "--resume"):  # a model directory, a checkpoint
+        return [flag, str(reference / "single" / "hf") if flag == "--model" else f"{out}/checkpoints/step_00000004"]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != value)]
+    if action.type in (int, float):
+        return [flag, str(action.type(2 * value if value else 1))]  # doubled: still a multiple of what it must be
+    if action.nargs == "*":
+        return [flag, *(v + "_other" for v in value)]
+    return [flag, str(2 * int(value)) if str(value).isdigit() else f"{value}_other" if value else "1"]
+
+
+OPTIONS = [(stage, action.option_strings[0]) for stage, (parser, _) in STAGES.items()
+           for action in parser()._actions if action.option_strings and action.dest != "help"]
+
+
+@pytest.mark.parametrize("stage, flag", OPTIONS, ids=[f"{stage}{flag}" for stage, flag in OPTIONS])
+def test_a_relaunch_with_one_option_changed_continues_only_if_it_may_change(first_launches, reference, capsys,
+                                                                             stage, flag):
+    argv, out = first_launches[stage]
+    parser = STAGES[stage][0]()
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    change = changed(action, parser.parse_args(argv), reference, out)
+    run_json = pathlib.Path(out, "run.json")
+    saved = run_json.read_text()
+    try:
+        if flag in RELAUNCH_FREE:
+            resumed = relaunch(stage, [*argv, *change], reference)
+            assert resumed == (None if flag == "--out" else f"{out}/checkpoints/step_00000004"), capsys.readouterr().err
+        else:
+            with pytest.raises(SystemExit) as refused:
+                relaunch(stage, [*argv, *change], reference)
+            err = capsys.readouterr().err
+            assert refused.value.code == 2 and err.startswith(f"error: {out} holds the checkpoints of another run ("), err
+            assert f"{flag} " in err.split(": use another --out")[0], err  # named
+        assert run_json.read_text() == saved  # what defines the run is as the first launch wrote it
+    finally:
+        run_json.write_text(saved)  # for the next option, whatever this one did
 
 
 def test_a_longer_schedule_extends_the_run_and_says_how(reference):
