@@ -1,7 +1,7 @@
-"""An operator's faults, each caused here: a relaunch of the same command or with any one option changed, another run's --out, a second
-launch on one --out, SIGTERM/SIGUSR1, damaged checkpoints, a full disk, a longer schedule, a NaN. Each
-checks the sentence, the exit status, which checkpoint is used, and that the losses after the fault equal
-the uninterrupted run's (test_train's `reference`)."""
+"""An operator's faults, each caused here: a relaunch of the same command or with any one option changed, another
+run's --out, a second launch on one --out, SIGTERM/SIGUSR1 (to every rank, to one, a step apart), damaged checkpoints,
+a full disk, a longer schedule, a NaN. Each checks the sentence, the exit status, which checkpoint is used, and that
+the losses after the fault equal the uninterrupted run's (test_train's `reference`)."""
 import argparse
 import json
 import os
@@ -22,8 +22,9 @@ from test_train import STEPS, assert_same_losses, losses, reference, run, train_
 # What the README says may change between the launches of one run, and what defines none (which folder or
 # checkpoint, --plan/--tokenize-only, which never train, sft's count of held-out prompts): every other option is
 # part of the run. Written out here, not read from train.py, so that a flag moved there is a failing test.
-RELAUNCH_FREE = {"--steps", "--tokens", "--save-every", "--cp", "--micro-batch", "--compile", "--activation-checkpointing",
-                 "--cache", "--skip-bad", "--out", "--resume", "--plan", "--world", "--tokenize-only", "--heldout"}
+RELAUNCH_FREE = {"--steps", "--tokens", "--save-every", "--cp", "--micro-batch", "--compile",
+                 "--activation-checkpointing", "--cache", "--skip-bad",
+                 "--out", "--resume", "--plan", "--world", "--tokenize-only", "--heldout"}
 STAGES = {"train": (train.build_parser, train.fill_defaults), "sft": (sft.build_parser, sft.fill_defaults)}
 
 
@@ -132,7 +133,8 @@ def test_a_relaunch_with_one_option_changed_continues_only_if_it_may_change(firs
             with pytest.raises(SystemExit) as refused:
                 relaunch(stage, [*argv, *change], reference)
             err = capsys.readouterr().err
-            assert refused.value.code == 2 and err.startswith(f"error: {out} holds the checkpoints of another run ("), err
+            assert refused.value.code == 2, err
+            assert err.startswith(f"error: {out} holds the checkpoints of another run ("), err
             assert f"{flag} " in err.split(": use another --out")[0], err  # named
         assert run_json.read_text() == saved  # what defines the run is as the first launch wrote it
     finally:
