@@ -188,6 +188,35 @@ def test_resume_from_an_older_checkpoint_replaces_the_newer_ones(reference):
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 
 
+def worker_pids(torchrun) -> dict[int, int]:
+    """{rank: pid} of torchrun's workers, its children, by the RANK in their environment."""
+    children = [int(pid) for task in os.listdir(f"/proc/{torchrun.pid}/task")
+                for pid in open(f"/proc/{torchrun.pid}/task/{task}/children").read().split()]
+    environs = {pid: open(f"/proc/{pid}/environ", "rb").read().split(b"\0") for pid in children}
+    return {int(v[5:]): pid for pid, env in environs.items() for v in env if v.startswith(b"RANK=")}
+
+
+def rows(out) -> int:  # metrics.jsonl's rows: rank 0 writes step N's before the ranks agree whether to stop
+    return len(open(out / "metrics.jsonl").readlines())
+
+
+def stopped_after(proc, out, reason, timeout=120):
+    """The step a signalled launch stopped after; it said so once and saved that step."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # ranks that disagree on the step wait for each other for ever
+        for pid in [*worker_pids(proc).values(), proc.pid]:  # each worker is in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the launch hung after the signal: {stdout[-2000:]}{stderr[-2000:]}") from None
+    stopped = [line for line in stdout.splitlines() if line.startswith(f"stopped by {reason} after step ")]
+    assert len(stopped) == 1, stdout[-2000:] + stderr[-2000:]
+    step = int(stopped[0].split(" after step ")[1].split()[0])
+    assert step < STEPS and f"checkpoint saved in {out}; run the same command to continue" in stopped[0]
+    assert f"step_{step:08d}" in os.listdir(out / "checkpoints")
+    return step
+
+
 def test_sigterm_to_torchrun_saves_and_the_same_command_continues(reference):
     """torchrun forwards SIGTERM to its workers; they agree to stop after the same step, save, and say so."""
     out = reference / "preempted"
@@ -195,14 +224,45 @@ def test_sigterm_to_torchrun_saves_and_the_same_command_continues(reference):
     proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, proc, 1)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM after step ")]
-    assert len(stopped) == 1, stdout[-2000:] + stderr[-2000:]
-    step = int(stopped[0].split()[5])
-    assert step < STEPS and f"checkpoint saved in {out}; run the same command to continue" in stopped[0]
+    step = stopped_after(proc, out, "SIGTERM")
     assert os.listdir(out / "checkpoints") == [f"step_{step:08d}"]
     result = run(cmd, reference)
     assert f"at step {step}" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_a_signal_to_one_worker_or_to_each_a_step_apart_stops_both_after_one_step(reference):
+    """On a cluster one rank can be signalled alone, or the ranks in different steps: each rank's signals are summed
+    over all ranks after every step, so both stop after the step the first signal came in (or the next, if it came
+    after the sum), and save it; the launches that continue end with the uninterrupted run's losses. A rank that
+    stopped alone would wait for the other for ever (a hang, killed)."""
+    out = reference / "one_signalled"
+    cmd = train_cmd(reference, out, nproc=2, extra=["--cp", "1"])  # data parallel: each rank its own batches
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, 1)
+    signalled_at = rows(out)
+    os.kill(worker_pids(proc)[1], signal.SIGUSR1)  # rank 1 alone; rank 0, which prints, was not signalled
+    first = stopped_after(proc, out, "a signal to another rank")
+    assert proc.returncode == 0 and signalled_at <= first <= signalled_at + 1
+    assert os.listdir(out / "checkpoints") == [f"step_{first:08d}"]
+    # the same command continues; now rank 0 is signalled, and rank 1 once a step later is logged
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, first + 1)
+    ranks, signalled_at = worker_pids(proc), rows(out)
+    os.kill(ranks[0], signal.SIGUSR1)
+    deadline = time.time() + 60
+    while proc.poll() is None and rows(out) <= signalled_at and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        os.kill(ranks[1], signal.SIGUSR1)
+    except ProcessLookupError:  # both had stopped already
+        pass
+    second = stopped_after(proc, out, "SIGUSR1")
+    assert proc.returncode == 0 and signalled_at <= second <= signalled_at + 1
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step_{first:08d}", f"step_{second:08d}"]
+    result = run(cmd, reference)
+    assert f"resumed from {out / 'checkpoints' / f'step_{second:08d}'} at step {second}" in result.stdout
     assert metric_steps(out) == list(range(1, STEPS + 1))
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 
