@@ -1,9 +1,11 @@
-"""An operator's faults, each caused here: a relaunch of the same command, another run's --out, a second
-launch on one --out, SIGTERM/SIGUSR1, damaged checkpoints, a full disk, a longer schedule, a NaN. Each
-checks the sentence, the exit status, which checkpoint is used, and that the losses after the fault equal
-the uninterrupted run's (test_train's `reference`)."""
+"""An operator's faults, each caused here: a relaunch of the same command or with any one option changed, another
+run's --out, a second launch on one --out, SIGTERM/SIGUSR1 (to every rank, to one, a step apart), damaged checkpoints,
+a full disk, a longer schedule, a NaN. Each checks the sentence, the exit status, which checkpoint is used, and that
+the losses after the fault equal the uninterrupted run's (test_train's `reference`)."""
+import argparse
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,18 @@ import time
 
 import pytest
 
+import sft
+import train
+from test_sft import sft_cmd
 from test_train import STEPS, assert_same_losses, losses, reference, run, train_cmd  # noqa: F401 (a fixture)
+
+# What the README says may change between the launches of one run, and what defines none (which folder or
+# checkpoint, --plan/--tokenize-only, which never train, sft's count of held-out prompts): every other option is
+# part of the run. Written out here, not read from train.py, so that a flag moved there is a failing test.
+RELAUNCH_FREE = {"--steps", "--tokens", "--save-every", "--cp", "--micro-batch", "--compile",
+                 "--activation-checkpointing", "--cache", "--skip-bad",
+                 "--out", "--resume", "--plan", "--world", "--tokenize-only", "--heldout"}
+STAGES = {"train": (train.build_parser, train.fill_defaults), "sft": (sft.build_parser, sft.fill_defaults)}
 
 
 def launch(cmd, cwd, timeout=600):
@@ -47,6 +60,85 @@ def test_the_same_command_twice_continues_and_another_run_is_refused(reference):
     assert f"error: {out} holds the checkpoints of another run (--ctx 256 there, 128 here): use another --out, " \
            f"or delete {out / 'checkpoints'} to start over there" in result.stderr
     assert sorted(os.listdir(out / "checkpoints")) == before and metric_steps(out) == list(range(1, STEPS + 1))
+
+
+def relaunch(stage, argv, cwd):
+    """main() of a stage up to its check of --out: the parser, the defaults, the device's defaults, claim_out; the model
+    (which train.run and sft.run load before the check) is not needed. Returns the checkpoint it would continue from."""
+    def claim(args):
+        d = train.prepare(args)
+        try:
+            train.claim_out(args, d)
+        finally:
+            d.lock.close()  # the next launch in this process takes the lock again
+        return args.resume
+    parser, defaults = STAGES[stage]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)  # sft.py takes an ./out/train/hf it finds for --model
+        patch.setenv("WORLD_SIZE", "2")  # as under torchrun: --cp 2 is possible
+        patch.setattr(train, "setup_distributed", lambda cp: train.Dist())  # but no process group
+        return train.main(argv, run=claim, parser=parser, defaults=defaults)
+
+
+@pytest.fixture(scope="module")
+def first_launches(reference):
+    """For each stage, an --out whose run.json its first launch wrote, with a checkpoint; and that launch's argv."""
+    launches = {}
+    for stage, cmd in [("train", train_cmd(reference, reference / "relaunch_train", extra=["--save-every", "2"])),
+                       ("sft", sft_cmd(reference / "chat.jsonl", reference / "relaunch_sft"))]:
+        argv, out = cmd[2:], cmd[cmd.index("--out") + 1]  # without `python train.py`
+        assert relaunch(stage, argv, reference) is None  # a fresh --out: started, run.json written
+        shutil.copytree(reference / "single" / "checkpoints" / "step_00000004",
+                        os.path.join(out, "checkpoints", "step_00000004"), copy_function=os.link)
+        launches[stage] = argv, out
+    return launches
+
+
+def changed(action, base, reference, out):
+    """The argv that changes one option from the first launch's value, chosen from the option's kind."""
+    flag, value = action.option_strings[0], getattr(base, action.dest)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if not value else "--no-" + flag[2:]]
+    if action.nargs == 0:  # store_true
+        return [flag]
+    if flag in ("--model", "--resume"):  # a model directory, a checkpoint
+        return [flag, str(reference / "single" / "hf") if flag == "--model" else f"{out}/checkpoints/step_00000004"]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != value)]
+    if action.type in (int, float):
+        return [flag, str(action.type(2 * value if value else 1))]  # doubled: still a multiple of what it must be
+    if action.nargs == "*":
+        return [flag, *(v + "_other" for v in value)]
+    return [flag, str(2 * int(value)) if str(value).isdigit() else f"{value}_other" if value else "1"]
+
+
+OPTIONS = [(stage, action.option_strings[0]) for stage, (parser, _) in STAGES.items()
+           for action in parser()._actions if action.option_strings and action.dest != "help"]
+
+
+@pytest.mark.parametrize("stage, flag", OPTIONS, ids=[f"{stage}{flag}" for stage, flag in OPTIONS])
+def test_a_relaunch_with_one_option_changed_continues_only_if_it_may_change(first_launches, reference, capsys,
+                                                                             stage, flag):
+    argv, out = first_launches[stage]
+    parser = STAGES[stage][0]()
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    change = changed(action, parser.parse_args(argv), reference, out)
+    run_json = pathlib.Path(out, "run.json")
+    saved = run_json.read_text()
+    try:
+        if flag in RELAUNCH_FREE:
+            resumed = relaunch(stage, [*argv, *change], reference)
+            assert resumed == (None if flag == "--out" else f"{out}/checkpoints/step_00000004"), capsys.readouterr().err
+        else:
+            with pytest.raises(SystemExit) as refused:
+                relaunch(stage, [*argv, *change], reference)
+            err = capsys.readouterr().err
+            assert refused.value.code == 2, err
+            assert err.startswith(f"error: {out} holds the checkpoints of another run ("), err
+            assert f"{flag} " in err.split(": use another --out")[0], err  # named
+        assert run_json.read_text() == saved  # what defines the run is as the first launch wrote it
+    finally:
+        run_json.write_text(saved)  # for the next option, whatever this one did
 
 
 def test_a_longer_schedule_extends_the_run_and_says_how(reference):
@@ -96,6 +188,35 @@ def test_resume_from_an_older_checkpoint_replaces_the_newer_ones(reference):
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 
 
+def worker_pids(torchrun) -> dict[int, int]:
+    """{rank: pid} of torchrun's workers, its children, by the RANK in their environment."""
+    children = [int(pid) for task in os.listdir(f"/proc/{torchrun.pid}/task")
+                for pid in open(f"/proc/{torchrun.pid}/task/{task}/children").read().split()]
+    environs = {pid: open(f"/proc/{pid}/environ", "rb").read().split(b"\0") for pid in children}
+    return {int(v[5:]): pid for pid, env in environs.items() for v in env if v.startswith(b"RANK=")}
+
+
+def rows(out) -> int:  # metrics.jsonl's rows: rank 0 writes step N's before the ranks agree whether to stop
+    return len(open(out / "metrics.jsonl").readlines())
+
+
+def stopped_after(proc, out, reason, timeout=120):
+    """The step a signalled launch stopped after; it said so once and saved that step."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # ranks that disagree on the step wait for each other for ever
+        for pid in [*worker_pids(proc).values(), proc.pid]:  # each worker is in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the launch hung after the signal: {stdout[-2000:]}{stderr[-2000:]}") from None
+    stopped = [line for line in stdout.splitlines() if line.startswith(f"stopped by {reason} after step ")]
+    assert len(stopped) == 1, stdout[-2000:] + stderr[-2000:]
+    step = int(stopped[0].split(" after step ")[1].split()[0])
+    assert step < STEPS and f"checkpoint saved in {out}; run the same command to continue" in stopped[0]
+    assert f"step_{step:08d}" in os.listdir(out / "checkpoints")
+    return step
+
+
 def test_sigterm_to_torchrun_saves_and_the_same_command_continues(reference):
     """torchrun forwards SIGTERM to its workers; they agree to stop after the same step, save, and say so."""
     out = reference / "preempted"
@@ -103,14 +224,45 @@ def test_sigterm_to_torchrun_saves_and_the_same_command_continues(reference):
     proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, proc, 1)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM after step ")]
-    assert len(stopped) == 1, stdout[-2000:] + stderr[-2000:]
-    step = int(stopped[0].split()[5])
-    assert step < STEPS and f"checkpoint saved in {out}; run the same command to continue" in stopped[0]
+    step = stopped_after(proc, out, "SIGTERM")
     assert os.listdir(out / "checkpoints") == [f"step_{step:08d}"]
     result = run(cmd, reference)
     assert f"at step {step}" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_a_signal_to_one_worker_or_to_each_a_step_apart_stops_both_after_one_step(reference):
+    """On a cluster one rank can be signalled alone, or the ranks in different steps: each rank's signals are summed
+    over all ranks after every step, so both stop after the step the first signal came in (or the next, if it came
+    after the sum), and save it; the launches that continue end with the uninterrupted run's losses. A rank that
+    stopped alone would wait for the other for ever (a hang, killed)."""
+    out = reference / "one_signalled"
+    cmd = train_cmd(reference, out, nproc=2, extra=["--cp", "1"])  # data parallel: each rank its own batches
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, 1)
+    signalled_at = rows(out)
+    os.kill(worker_pids(proc)[1], signal.SIGUSR1)  # rank 1 alone; rank 0, which prints, was not signalled
+    first = stopped_after(proc, out, "a signal to another rank")
+    assert proc.returncode == 0 and signalled_at <= first <= signalled_at + 1
+    assert os.listdir(out / "checkpoints") == [f"step_{first:08d}"]
+    # the same command continues; now rank 0 is signalled, and rank 1 once a step later is logged
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, proc, first + 1)
+    ranks, signalled_at = worker_pids(proc), rows(out)
+    os.kill(ranks[0], signal.SIGUSR1)
+    deadline = time.time() + 60
+    while proc.poll() is None and rows(out) <= signalled_at and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        os.kill(ranks[1], signal.SIGUSR1)
+    except ProcessLookupError:  # both had stopped already
+        pass
+    second = stopped_after(proc, out, "SIGUSR1")
+    assert proc.returncode == 0 and signalled_at <= second <= signalled_at + 1
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step_{first:08d}", f"step_{second:08d}"]
+    result = run(cmd, reference)
+    assert f"resumed from {out / 'checkpoints' / f'step_{second:08d}'} at step {second}" in result.stdout
     assert metric_steps(out) == list(range(1, STEPS + 1))
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 

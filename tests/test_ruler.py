@@ -76,6 +76,27 @@ def test_every_record_has_rulers_fields_frame_budget_and_length_accounting(recor
             assert r["outputs"] and all(isinstance(o, str) and o for o in r["outputs"])
 
 
+@pytest.mark.parametrize("length", [LENGTH, 2 * LENGTH])
+def test_rulers_search_leaves_the_budget_free_and_fills_the_rest(sources, length):
+    """Every task's own search step and budget, on a prompt of exactly n tokens: RULER's search takes the
+    largest n with n + tokens_to_generate <= length (fwe's: the last of its steps below that); every record
+    keeps to it."""
+    tok, words = data.builtin_tokenizer(), ruler.load_words()
+    exact = lambda n, i: ("x" * n, [])  # bytes are tokens: n tokens
+    for task in ruler.TASKS:
+        _, step, budget = ruler.generator(task, tok, length, 0, sources, words, ruler.FRAME)
+        assert budget == BUDGETS[ruler.TASKS[task][0]], task
+        for step in (step, 1):  # the task's own, and the finest, where a token of budget counts
+            if task == "fwe":
+                n = ruler.fit_fwe(exact, tok, length, budget, step)
+                assert n + budget <= length <= n + step + budget, (task, n, step)
+            else:
+                assert ruler.fit(exact, tok, length, budget, step) == length - budget, (task, step)
+        for r in ruler.build(task, tok, length, 2, 0, sources, words):
+            assert len(ruler.encode(tok, r["input"] + r["answer_prefix"])) + budget == r["length"] <= length, task
+            assert r["length"] > length // 2, task
+
+
 def test_niah_needles_keys_values_and_singular_or_plural_wording(records):
     for task, recs in records.items():
         spec = ruler.TASKS[task]

@@ -4,6 +4,7 @@ directory is a temporary one: sft.py without --model would take a user's out/tra
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,30 @@ def test_synthetic_chat_names_the_repeated_letter_and_holds_out_a_tenth_of_the_p
     assert not {q["content"] for q, _ in train_set} & held and len(test_prompts) > 40
     for question, answer in train_set + test_set:
         assert question["content"] in every and set(question["content"][8:]) == {answer["content"]}
+
+def test_the_demos_held_out_prompts_are_never_among_those_it_trains_on(tmp_path, monkeypatch):
+    """`python sft.py` as the README runs it (built-in SYNTHETIC set): the prompts it scores before and after share
+    no prompt text with the rows the loop is handed (the README's exact match 0% -> 32% rests on it)."""
+    monkeypatch.chdir(tmp_path)  # no out/train/hf here: the tiny preset
+    scored, handed = [], []
+    def scores(model, tok, conversations):
+        scored.append(conversations)
+        return {"exact_match": 0.0, "answer_loss": 0.0}
+    def loop(args, model, dataset, tok, d):  # the rows it would train on; no training needed here
+        handed.append((dataset, tok))
+        return True  # as if it ran to the end: sft.py scores the held-out prompts again
+    monkeypatch.setattr(sft, "heldout_scores", scores)
+    monkeypatch.setattr(train, "train", loop)
+    train.main(["--out", str(tmp_path / "out")], run=sft.run, parser=sft.build_parser, defaults=sft.fill_defaults)
+    (dataset, tok), = handed
+    user_turn = re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S)
+    trained = [p for i in range(len(dataset)) for p in user_turn.findall(tok.decode(dataset[i]["tokens"].tolist()))]
+    assert len(trained) == dataset.stats["blended"] == 4000 and all(p.startswith("Letter: ") for p in trained)
+    assert len(scored) == 2 and scored[0] == scored[1] and len(scored[0]) == 40  # before and after, --heldout's 40
+    heldout = {m["content"] for conversation in scored[0] for m in conversation if m["role"] == "user"}
+    assert len(heldout) > 20 and all(p.startswith("Letter: ") for p in heldout)
+    overlap = sorted(heldout & set(trained))
+    assert not overlap, f"{len(overlap)} held-out prompts are trained on, e.g. {overlap[0]!r}"
 
 @pytest.mark.parametrize("args, message", [
     (["--max-len", "0"], "--max-len must be at least 1, not 0"),
