@@ -120,6 +120,11 @@ def setup_distributed(cp: int) -> Dist:
     world, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
     if world == 1 and cp == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # the store torchrun shares with its workers outlives a group and keeps its keys: a restarted group can read
+        # the dead group's addresses (gloo: connectFullMesh refused, or a hang; NCCL: a stale unique id)
+        raise UserError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, so that "
+                        "each restart gets a new store (see the README's full-scale launch)")
     from torch.distributed.device_mesh import init_device_mesh
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
