@@ -110,11 +110,15 @@ def make_sample(task: str, tok, length: int, seed: int, *, depth: float, haystac
                 needle=needle, tokens=tokens, context_span=[c0, c1], needle_span=[a, b],
                 needle_depth=(a - c0) / max(c1 - c0 - (b - a), 1))
 
-def load_model(path: str, dtype: str, device: torch.device):
+def load_model(path: str, dtype: str, d):
+    """The model, whole on every rank (decoding needs it), its weights read once: rank 0 reads, then broadcasts."""
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
-    bf16 = dtype == "bf16" or dtype == "auto" and device.type == "cuda"
-    model = M.Llama.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32, device=device).eval()
+    bf16 = dtype == "bf16" or dtype == "auto" and d.device.type == "cuda"
+    model = M.Llama.from_pretrained(path, torch.bfloat16 if bf16 else torch.float32, d.device, read_weights=d.is_main)
+    if d.world > 1:
+        train.weights_from_rank0(model, model.state_dict() if d.is_main else None, d.device)
+    model.eval()
     vocab, own = model.args.vocab_size, os.path.isfile(os.path.join(path, "tokenizer.json"))
     refuse([(not own and vocab != data.BUILTIN_VOCAB_SIZE, f"{path} has no tokenizer.json and its vocabulary "
              f"({vocab}) is not the built-in tokenizer's ({data.BUILTIN_VOCAB_SIZE})")])
@@ -537,7 +541,7 @@ def main(argv=None) -> int:
             log = box[0], log[1]
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if reporting else devnull), \
                 contextlib.redirect_stderr(sys.stderr if reporting else devnull):
-            model, tok = load_model(args.model, args.dtype, d.device)
+            model, tok = load_model(args.model, args.dtype, d)
             fill_defaults(args, model.args.max_seq_len)
             args.chat = args.chat and tok.chat_template is not None  # a base model's tokenizer has none
             run = {"ppl": run_ppl, "ruler": run_ruler, "infinitebench": run_bench, "lveval": run_bench}

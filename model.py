@@ -3,6 +3,7 @@ sum or per token, never full-vocabulary logits), one greedy decoder, strict load
 safetensors in the HF layout. Pure: no process groups, no FSDP; parallelism swaps attention in (set_attention)."""
 import json, os, pathlib, shutil
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -229,29 +230,31 @@ class Llama(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device="cpu"):
-        """Load an HF directory into a meta-device model filled with assign=True: weights exist once in memory."""
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device="cpu", read_weights: bool = True):
+        """Load an HF directory into a meta-device model filled with assign=True: weights exist once in memory.
+        read_weights=False checks every name and shape (from the files' headers) but reads no weight: the
+        parameters stay on the meta device, for a process that receives them from another (train.py's rank 0)."""
         args = args_from_hf_config(read_hf_config(path), os.path.join(path, "config.json"))
         with torch.device("meta"):
-            model = cls(args)
+            model = cls(args).to(dtype or torch.get_default_dtype())  # no memory yet, the dtype already
         hf_to_ours, state = {hf: ours for ours, hf in hf_key_map(args).items()}, {}
-        for key, tensor, filename in read_safetensors(path):
+        for key, shape, read, filename in read_safetensors(path):
             if key == "lm_head.weight" and args.tie_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
             if key not in hf_to_ours:
                 raise UserError(f"unexpected tensor {key!r} in {filename}: not part of a {args.n_layers}-layer Llama")
             expected = tuple(model.get_parameter(hf_to_ours[key]).shape)
-            if tuple(tensor.shape) != expected:
-                raise UserError(f"tensor {key!r} in {filename} has shape {tuple(tensor.shape)}, but config.json "
-                                f"implies {expected}")
-            state[hf_to_ours[key]] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+            if shape != expected:
+                raise UserError(f"tensor {key!r} in {filename} has shape {shape}, but config.json implies {expected}")
+            state[hf_to_ours[key]] = read().to(device=device, dtype=dtype) if read_weights else None
         missing = sorted(hf for hf, ours in hf_to_ours.items() if ours not in state)
         if missing:
             raise UserError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
-        model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
+        if read_weights:
+            model.load_state_dict(state, strict=not args.tie_embeddings, assign=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared one
-        model.set_rope(args.rope)
+        model.set_rope(args.rope)  # inv_freq computed here, off the meta device, on every process alike
         model.source_dir = path
         return model
 
@@ -294,7 +297,8 @@ def hf_key_map(args: ModelArgs) -> dict[str, str]:  # our parameter names -> the
                    for i in range(args.n_layers) for ours, hf in HF_LAYER_NAMES.items()}
 
 def read_safetensors(path: str):
-    """Yield (name, tensor, filename) from model.safetensors or an index's shards, one mmapped tensor at a time."""
+    """Yield (name, shape, read, filename) from model.safetensors or an index's shards, one tensor at a time: the
+    shape is the file's header's, read() maps that one tensor (mmap), so checking a checkpoint reads no weight."""
     from safetensors import safe_open
     index = pathlib.Path(path, "model.safetensors.index.json")
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else None
@@ -304,7 +308,7 @@ def read_safetensors(path: str):
                             f"{path} has no weights: neither model.safetensors nor {index.name}")
         with safe_open(full, framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key), full
+                yield key, tuple(f.get_slice(key).get_shape()), partial(f.get_tensor, key), full
 
 def save_hf_checkpoint(path: str, args: ModelArgs, state_dict: dict, source_dir: str | None = None,
                        max_shard_bytes: int = 5 << 30, tokenizer=None):

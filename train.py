@@ -120,6 +120,11 @@ def setup_distributed(cp: int) -> Dist:
     world, cuda = int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available()
     if world == 1 and cp == 1:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # the store torchrun shares with its workers outlives a group and keeps its keys: a restarted group can read
+        # the dead group's addresses (gloo: connectFullMesh refused, or a hang; NCCL: a stale unique id)
+        raise UserError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, so that "
+                        "each restart gets a new store (see the README's full-scale launch)")
     from torch.distributed.device_mesh import init_device_mesh
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
@@ -147,8 +152,8 @@ def barrier(d: Dist):
 def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
     """Loads (or creates tiny), switches RoPE to the stage-1 scaling (stage 2 keeps the model's own),
     then parallelises from outside: ring attention, activation checkpointing, compile, FSDP2."""
-    if args.model:
-        model = M.Llama.from_pretrained(args.model, dtype=torch.float32)  # fp32 master weights
+    if args.model:  # fp32 master weights, read by rank 0 alone; the other ranks check names and shapes, stay on meta
+        model = M.Llama.from_pretrained(args.model, dtype=torch.float32, read_weights=d.is_main)
     else:
         model = M.Llama(M.preset("tiny"))
         model.init_weights(seed=args.seed)
@@ -165,12 +170,25 @@ def build_model(args, d: Dist, extend_rope: bool = True) -> M.Llama:
             layer.compile()
     if d.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        full = model.state_dict() if d.is_main else None  # rank 0's weights: fully_shard keeps its shard of them
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.dtype], reduce_dtype=torch.float32)
         for module in [*model.layers, model]:  # each layer, then the root (embedding, norm, head)
             fully_shard(module, mesh=d.fsdp_mesh, mp_policy=mp)
             module.set_gradient_divide_factor(1.0)  # the loss is already a global mean (loss_divisor)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+        if args.model:
+            weights_from_rank0(model, full, d.device)
     return model.to(d.device)
+
+def weights_from_rank0(model, full: dict | None, device: torch.device):
+    """Rank 0's full state dict (None elsewhere: a model on the meta device) into every rank's model, one tensor at
+    a time: broadcast, then each rank keeps its FSDP shard of it (an unsharded model, as in eval.py: all of it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if full is None:
+        model.to_empty(device=device)  # allocated here, filled below
+        if model.args.tie_embeddings:  # to_empty gives an unsharded model's shared matrix two copies
+            model.output.weight = model.tok_embeddings.weight
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 def model_tokenizer(args, model: M.Llama):  # a tiny model takes the built-in one; its bos/eos go into config.json
     tokenizer = data.load_tokenizer(args.model)

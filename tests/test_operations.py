@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -263,6 +264,33 @@ def test_a_signal_to_one_worker_or_to_each_a_step_apart_stops_both_after_one_ste
     assert sorted(os.listdir(out / "checkpoints")) == [f"step_{first:08d}", f"step_{second:08d}"]
     result = run(cmd, reference)
     assert f"resumed from {out / 'checkpoints' / f'step_{second:08d}'} at step {second}" in result.stdout
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(reference, monkeypatch):
+    """--max-restarts: rank 1 SIGKILLed after step 2's checkpoint; torchrun stops rank 0 (SIGTERM, then a gloo
+    error), starts a new group, which resumes from step 2: exit 0, the uninterrupted losses, one row per step.
+    Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the new group may read the dead one's addresses: refused."""
+    for name, value in [("WORLD_SIZE", "2"), ("TORCHELASTIC_MAX_RESTARTS", "3"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]:
+        monkeypatch.setenv(name, value)  # what torchrun --max-restarts 3 gives its workers by default
+    with pytest.raises(train.UserError, match="torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        train.setup_distributed(2)
+    out = reference / "elastic"
+    cmd = train_cmd(reference, out, nproc=2, extra=["--cp", "2", "--save-every", "2"])
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=3")
+    proc = subprocess.Popen(cmd, cwd=reference, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    marker = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    rank0 = int(re.search(r"pid (\d+),", (out / "lock").read_text()).group(1))  # the lock names its holder
+    workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    os.kill(next(int(pid) for pid in workers if int(pid) != rank0), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert re.search(r"resumed from \S+step_0000000[24] at step [24]", stdout), stdout[-2000:]
     assert metric_steps(out) == list(range(1, STEPS + 1))
     assert_same_losses(losses(out), losses(reference / "single"), range(1, STEPS + 1))
 

@@ -9,10 +9,15 @@ import subprocess
 import sys
 import time
 
+from argparse import Namespace
+from dataclasses import replace
+from functools import partial
+
 import pytest
 import torch
 
 import train
+from gloo import run_on_gloo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -63,6 +68,43 @@ def reference(tmp_path_factory):
 def assert_same_losses(got, expected, steps):
     for step in steps:
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
+
+
+def _one_read_checks(path, rank, world_size):
+    """Rank 0 reads, the others receive: each rank's FSDP shards, RoPE's inv_freq and the tied embedding equal,
+    bit for bit, those of a model every rank read itself; eval's whole bf16 model equals from_pretrained's."""
+    import eval as E
+    import model as M
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    d, failures = train.Dist(rank, world_size, fsdp_mesh=init_device_mesh("cpu", (world_size,))), []
+    args = Namespace(model=path, ctx=256, rope="yarn", original_window=64, activation_checkpointing=False,
+                     compile=False, dtype="fp32")
+    received = train.build_model(args, d)
+    read = M.Llama.from_pretrained(path, dtype=torch.float32)
+    read.set_rope(received.args.rope)
+    for module in [*read.layers, read]:
+        fully_shard(module, mesh=d.fsdp_mesh)
+    for name, ours in received.state_dict().items():
+        if not torch.equal(ours.to_local(), read.state_dict()[name].to_local()):
+            failures.append(f"rank {rank}: {name} differs")
+    if not torch.equal(received.inv_freq, read.inv_freq) or received.output.weight is not received.tok_embeddings.weight:
+        failures.append(f"rank {rank}: inv_freq differs or the embedding is no longer tied")
+    whole, _ = E.load_model(path, "bf16", d)
+    expected = M.Llama.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    failures += [f"rank {rank}: eval's {k} differs" for k, v in whole.state_dict().items() if not torch.equal(v, expected[k])]
+    if whole.output.weight is not whole.tok_embeddings.weight:
+        failures.append(f"rank {rank}: eval's embedding is no longer tied")
+    return failures
+
+
+def test_the_checkpoint_read_by_rank_0_reaches_every_rank_bit_for_bit(tmp_path):
+    import data
+    import model as M
+    tied = M.Llama(replace(M.preset("tiny"), tie_embeddings=True))  # the shared matrix: a case of its own
+    tied.init_weights(seed=1)
+    tied.save_pretrained(str(tmp_path / "tied"), tokenizer=data.builtin_tokenizer())
+    assert run_on_gloo(partial(_one_read_checks, str(tmp_path / "tied")), world_size=2) == []
 
 
 @pytest.mark.parametrize("layout", [["--cp", "2"], ["--cp", "1"]], ids=["cp2", "dp2"])
