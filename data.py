@@ -9,7 +9,8 @@ int64 (ctx,); a batch stacks them, cut to (batch_size, ctx // cp_size) for one d
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
-import array, collections, functools, glob, gzip, hashlib, importlib, io, itertools, json, math, os, pathlib, re, shutil, sysconfig
+import array, collections, functools, glob, gzip, hashlib, importlib, io, itertools, json, math, os, pathlib, re, shutil
+import sysconfig
 
 import numpy as np
 import tokenizers, torch

@@ -472,7 +472,8 @@ def test_parquet_and_zstd_corpora_equal_jsonl_token_for_token(tok, tmp_path):
     paths = write_containers(tmp_path, records, row_group_size=7)
     import pyarrow.parquet as pq
     assert pq.ParquetFile(paths["parquet"]).num_row_groups == 6
-    files = {ext: data.build_token_file([path], tok, str(tmp_path / "cache"), log=None) for ext, path in paths.items()}
+    files = {ext: data.build_token_file([path], tok, str(tmp_path / "cache"), log=None)
+             for ext, path in paths.items()}
     expected = files["jsonl"]
     assert expected.domain_names == ["corpus", "web"] and expected.stats["empty_documents"] > 0
     for ext, tf in files.items():
@@ -800,7 +801,7 @@ def test_chat_bad_input(tok, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     cases = [
         ('{"messages": [', r"chat\.jsonl line 2: malformed JSON"),
-        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record's fields \(text\) match none of the formats "
+        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record's fields \(text\) fit none of the formats "
                                     r"messages, ShareGPT, Alpaca, MetaMath, prompt/completion \(pass --skip-bad"),
         (json.dumps({"prompt": "x"}), r"chat\.jsonl line 2: a prompt/completion record needs .* 'completion'"),
         (json.dumps({"prompt": "x", "completion": "y", "train_eos": "no"}), r"chat\.jsonl line 2: 'train_eos' must be"),
