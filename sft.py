@@ -31,18 +31,19 @@ CHAT_FORMATS = {"messages": {"messages"}, "ShareGPT": {"conversations"}, "Alpaca
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 def record_format(record):  # the one format whose fields the record has, or a sentence naming them
-    found = [name for name, fields in CHAT_FORMATS.items() if fields & record.keys()]
-    if found == ["messages", "prompt/completion"] and "completion" not in record:
+    present = [k for k, v in record.items() if v is not None]  # Parquet writes an absent field as None
+    found = [name for name, fields in CHAT_FORMATS.items() if fields & set(present)]
+    if found == ["messages", "prompt/completion"] and "completion" not in present:
         found = ["messages"]  # HF chat sets (UltraChat, No Robots) repeat the first user turn as 'prompt'
-    fields = ", ".join(record) or "none"
+    fields = ", ".join(present) or "none"
     if not found:
         raise UserError(f"the record's fields ({fields}) fit none of the formats {', '.join(CHAT_FORMATS)}")
     if len(found) > 1:
         raise UserError(f"the record's fields ({fields}) fit several formats at once: {' and '.join(found)}")
     return found[0]
 
-def _text(record, field, default=None):  # a string field of an Alpaca or MetaMath record
-    value = record.get(field, default)
+def _text(record, field, default=None):  # a string field of an Alpaca or MetaMath record; None: absent
+    value = default if record.get(field) is None else record[field]
     if not isinstance(value, str):
         raise UserError(f"the record's '{field}' is " + ("missing" if value is None else "not a string"))
     return value
@@ -63,11 +64,14 @@ def chat_messages(record, fmt):
     if fmt == "MetaMath":
         return [{"role": "user", "content": _text(record, "query")},
                 {"role": "assistant", "content": _text(record, "response")}]
-    if "output" in record and "response" in record:
+    answer = [field for field in ("output", "response") if record.get(field) is not None]
+    if not answer:
+        raise UserError("the record has neither 'output' nor 'response', so it has no answer")
+    if len(answer) > 1:
         raise UserError("the record has both 'output' and 'response', so its answer is ambiguous")
     user, extra = _text(record, "instruction"), _text(record, "input", default="")
     return [{"role": "user", "content": (user + "\n\n" + extra) if extra else user},
-            {"role": "assistant", "content": _text(record, "response" if "response" in record else "output")}]
+            {"role": "assistant", "content": _text(record, answer[0])}]
 
 def _record_pieces(tok, record):
     """A record -> (its format, pieces): a list of messages, or a record of CHAT_FORMATS (the messages chat_messages

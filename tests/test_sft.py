@@ -264,12 +264,13 @@ def test_each_published_format_gives_the_tokens_mask_and_losses_of_its_messages(
      "'conversations' turn 1 is from 'function' \\(expected system, human, user, gpt, assistant\\)"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "the conversation has no assistant turn"),
     ({"instruction": 5, "output": "a"}, "the record's 'instruction' is not a string"),
-    ({"instruction": "q"}, "the record's 'output' is missing"),
+    ({"instruction": "q"}, "the record has neither 'output' nor 'response', so it has no answer"),
     ({"instruction": "q", "input": ["x"], "output": "a"}, "the record's 'input' is not a string"),
-    ({"instruction": "q", "response": None}, "the record's 'response' is missing"),
+    ({"instruction": "q", "response": None}, "the record has neither 'output' nor 'response'"),
+    ({"instruction": "q", "output": ["a"]}, "the record's 'output' is not a string"),
     ({"instruction": "q", "output": "a", "response": "b"},
      "the record has both 'output' and 'response', so its answer is ambiguous"),
-    ({"query": "q"}, "the record's 'response' is missing"),
+    ({"query": "q", "response": None}, "the record's 'response' is missing"),
     ({"query": "q", "response": 4}, "the record's 'response' is not a string"),
     ({"query": "q", "instruction": "i", "response": "a"},
      r"the record's fields \(query, instruction, response\) fit several formats at once: Alpaca and MetaMath \("),
@@ -303,3 +304,10 @@ def test_published_sets_read_from_parquet_and_zstd_jsonl(tmp_path):
         ds = sft.ChatDataset([(str(path), 1.0)], tok, max_len=256, log=None)
         return [ds[i][key].tolist() for i in range(len(ds)) for key in data.BATCH_KEYS]
     assert rows(tmp_path / "sharegpt.parquet") == rows(jsonl) == rows(zst)
+    # Parquet writes a field a row lacks as None: an Alpaca set where only some rows have an input
+    alpaca = [published(c, "Alpaca") for c in plain_conversations()]
+    for record in alpaca[::2]:
+        del record["input"]
+    schema = pa.schema([(field, pa.string()) for field in ("instruction", "input", "output")])
+    pq.write_table(pa.Table.from_pylist(alpaca, schema=schema), tmp_path / "alpaca.parquet")
+    assert rows(tmp_path / "alpaca.parquet") == rows(write_records(tmp_path / "alpaca.jsonl", alpaca))
