@@ -9,7 +9,8 @@ int64 (ctx,); a batch stacks them, cut to (batch_size, ctx // cp_size) for one d
     for batch in Loader(ds, batch_size=1, dp_rank=r, dp_size=n, cp_rank=c, cp_size=m): ...
 """
 
-import array, collections, functools, glob, gzip, hashlib, itertools, json, math, os, pathlib, re, shutil, sysconfig
+import array, collections, functools, glob, gzip, hashlib, importlib, io, itertools, json, math, os, pathlib, re, shutil
+import sysconfig
 
 import numpy as np
 import tokenizers, torch
@@ -25,6 +26,8 @@ BATCH_CHARS, BATCH_DOCS = 8_000_000, 4096  # a tokenizer batch: every core busy,
 BAD_EXAMPLES = 5  # bad records quoted in the log when skip_bad skips them
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross_entropy default)
 BATCH_KEYS = ("tokens", "labels", "positions", "doc_ids")
+JSON_ARRAY_SUFFIXES = (".json", ".json.gz", ".json.zst")  # one JSON array; the other record files: a record a line
+RECORD_SUFFIXES = JSON_ARRAY_SUFFIXES + (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".parquet")
 
 # --- Tokenizer ------------------------------------------------------------------------------------
 LLAMA3_NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -208,9 +211,22 @@ class BadRecords:
         head = f"\n  skipped {self.count} bad records: {files}" if self.count else ""
         return head + "".join(f"\n  skipped: {example}" for example in self.examples)
 
+def optional_import(module, path):  # pyarrow and zstandard: needed only by the files that use them
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise UserError(f"reading {path} needs the {package} package: pip install {package}") from None
+
+def open_binary(path):  # a file's bytes, decompressed as its name says (.gz, .zst), streamed
+    if path.endswith(".zst"):  # a window up to 2 GiB: archives made with `zstd --long=31`; pzstd's many frames
+        zstd = optional_import("zstandard", path).ZstdDecompressor(max_window_size=2**31)
+        return io.BufferedReader(zstd.stream_reader(open(path, "rb"), read_across_frames=True))
+    return (gzip.open if path.endswith(".gz") else open)(path, "rb")
+
 def read_jsonl(path, bad=None):
-    """(line_number, record) per JSON object line of a .jsonl(.gz) file; a bad line raises, or goes to `bad`."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    """(line_number, record) per JSON object line of a .jsonl(.gz, .zst) file; a bad line raises, or goes to `bad`."""
+    with open_binary(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -229,7 +245,7 @@ def read_jsonl(path, bad=None):
                 bad(path, f"{path} line {n}: {problem}")
 
 def _read_text(path, bad):  # a whole file's text, or None when it is binary or not UTF-8 (told to `bad`)
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    with open_binary(path) as f:
         raw = f.read()
     if b"\0" in raw:  # text never holds a NUL byte; images, archives and arrays of numbers do
         return bad(path, f"{path}: a binary file (NUL byte at byte {raw.index(0)}), not text")
@@ -239,10 +255,7 @@ def _read_text(path, bad):  # a whole file's text, or None when it is binary or 
         line = raw[: e.start].count(b"\n") + 1
         return bad(path, f"{path} line {line}: undecodable bytes (not UTF-8) at byte {e.start}")
 
-def read_records(path, bad):
-    """(where, record) per object of a JSONL file, or of a .json file's array (`datasets`' to_json(lines=False))."""
-    if not path.endswith((".json", ".json.gz")):
-        return ((f"{path} line {n}", record) for n, record in read_jsonl(path, bad))
+def _json_array_records(path, bad):  # a .json file's array (`datasets`' to_json(lines=False))
     try:
         records = json.loads(_read_text(path, bad) or "[]")  # bad() returns None: a skipped file holds nothing
     except json.JSONDecodeError as e:
@@ -252,13 +265,45 @@ def read_records(path, bad):
     return [(f"{path} record {k}", r) for k, r in enumerate(records)
             if isinstance(r, dict) or bad(path, f"{path} record {k}: the record is not a JSON object")]
 
+def _parquet_records(path, bad, columns):  # rows as dicts, one row group in memory at a time
+    pq = optional_import("pyarrow.parquet", path)  # outside the try: a UserError is a ValueError too
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        return bad(path, f"{path}: not a readable Parquet file ({e})")
+    names = parquet.schema_arrow.names
+    if columns and columns[0] not in names:
+        return bad(path, f"{path} has no '{columns[0]}' column (its columns: {', '.join(names)})")
+    keep, at = [c for c in names if not columns or c in columns], 0
+    for group in range(parquet.num_row_groups):  # one thread: the tokenizer has the cores, and the peak is lower
+        rows = parquet.read_row_group(group, columns=keep, use_threads=False).to_pylist()
+        yield from ((f"{path} row {at + k}", row) for k, row in enumerate(rows))
+        at += len(rows)
+
+def read_records(path, bad, columns=None):
+    """(where, record) per object of a JSONL file (.gz, .zst), of a .json file's array, or per row of a Parquet file
+    (`columns` only, the first one required; None: all). A file without any is bad: it "holds no documents"."""
+    if path.endswith(".parquet"):
+        records = _parquet_records(path, bad, columns)
+    elif path.endswith(JSON_ARRAY_SUFFIXES):
+        records = _json_array_records(path, bad)
+    else:
+        records = ((f"{path} line {n}", record) for n, record in read_jsonl(path, bad))
+    empty = True
+    for item in records:
+        empty = False
+        yield item
+    if empty and not bad.per_file[path]:  # bad records of its own are counted already
+        bad(path, f"{path} holds no documents")
+
 def _documents(files, bad, builtin):
     """Yields (text, domain) for each record of a record file (domain: its `domain` or the file's name) or
     each other file (its directory's name; the built-in corpus has two, so per-domain sampling has work)."""
     for path in files:
-        if path.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz")):  # records; others are text
-            for where, record in read_records(path, bad):
-                text, domain = record.get("text"), record.get("domain", os.path.basename(path).split(".")[0])
+        if path.endswith(RECORD_SUFFIXES):  # records; others are text
+            for where, record in read_records(path, bad, columns=("text", "domain")):
+                text, domain = record.get("text"), record.get("domain")  # Parquet writes an absent domain as None
+                domain = os.path.basename(path).split(".")[0] if domain is None else domain
                 if not isinstance(text, str):
                     bad(path, f"{where}: the record has " + ("no 'text' field" if text is None else
                                                              "a 'text' field that is not a string"))
@@ -300,9 +345,10 @@ class TokenFile:
     def __repr__(self):
         return f"{self.path} ({self.n_docs} documents, {self.n_tokens} tokens)"
 
-def write_token_file(out_dir, batches, stats=dict):
+def write_token_file(out_dir, batches, stats=dict, source="the batches"):
     """Writes batches of (flat uint32 ids, lengths, domain names) and meta.json (with stats(), asked once
-    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent."""
+    the batches are written) into a temporary directory renamed to out_dir: a token file is whole or absent.
+    source: what the batches were read from, for the sentence that no document has any tokens."""
     tmp_dir = f"{out_dir}.tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"  # its owner: see below
     lengths, domains, names = array.array("q"), array.array("i"), {}
     os.makedirs(tmp_dir)
@@ -316,7 +362,7 @@ def write_token_file(out_dir, batches, stats=dict):
         keep = lengths > 0  # an empty document cannot be sampled; dropping it leaves the offsets alone
         stats = {**stats(), "empty_documents": int((~keep).sum())}
         if not keep.any():
-            raise UserError(f"no document of {out_dir} has any tokens, so the corpus is empty ({stats})")
+            raise UserError(f"no document of {source} has any tokens, so the corpus is empty")
         np.save(os.path.join(tmp_dir, "lengths.npy"), lengths[keep])
         np.save(os.path.join(tmp_dir, "domains.npy"), np.frombuffer(domains, dtype=np.int32)[keep])
         write_json(os.path.join(tmp_dir, "meta.json"), {"format": 2, "n_tokens": int(lengths.sum()),
@@ -367,9 +413,10 @@ def build_token_file(paths, tok, cache_dir, skip_bad=False, log=print):
             log(f"{e}; removing it and tokenizing again")
             shutil.rmtree(out_dir, ignore_errors=True)
     bad = BadRecords(skip_bad or builtin)
+    source = "the built-in corpus" if builtin else ", ".join([paths] if isinstance(paths, str) else paths)
     token_file = write_token_file(out_dir, _encode_batches(_documents(files, bad, builtin), tok), lambda: {
         "files": len(files), "bad_skipped": bad.count, "bad_per_file": dict(bad.per_file),
-        "bad_examples": bad.examples})
+        "bad_examples": bad.examples}, source)
     log(f"tokenized {len(files)} files into {token_file}; skipped {bad.count} bad records and "
         f"{token_file.stats['empty_documents']} empty documents" + bad.quoted())
     return token_file

@@ -4,13 +4,14 @@
                                            # SYNTHETIC chat task, CPU, a few minutes
     torchrun --nproc_per_node 8 sft.py --model out/train/hf --data sharegpt.jsonl math.jsonl:0.5 --max-len 8K
 
-train.py's loop, distributed setup, checkpoints, metrics and export with other data: chat JSONL
-(`{"messages": [{"role", "content"}, ...]}` per line) or plain `{"prompt", "completion"}` records,
-several files blended by weight (`path:weight`), formatted with the Llama 3.1 template and packed to
---max-len; only the answers are trained (a token of a short answer weighs as much as one of a long one).
+train.py's loop, distributed setup, checkpoints, metrics and export with other data: the SFT sets as
+published (`messages`, ShareGPT, Alpaca-style, MetaMath or plain prompt/completion records, in JSONL,
+.json, .jsonl.zst or Parquet; README's table), several files blended by weight (`path:weight`),
+formatted with the Llama 3.1 template and packed to --max-len; only the answers are trained (a token
+of a short answer weighs as much as one of a long one).
 The model's RoPE (YaRN from stage 1) and window are kept: short SFT does not undo the long window.
 """
-import hashlib, math, os, random
+import collections, hashlib, math, os, random
 
 import numpy as np
 import torch
@@ -24,24 +25,75 @@ from train import print0
 SYNTHETIC_LETTERS, SYNTHETIC_RUN = "abcdefghijklmnopqrstuvwxyz", (12, 40)  # the answers; how often a prompt repeats one
 
 # --- Stage 2's data: chat records, formatted, blended by weight, packed into rows -------------------
+# The SFT sets as published, each recognised by a field of its own: the format -> those fields.
+CHAT_FORMATS = {"messages": {"messages"}, "ShareGPT": {"conversations"}, "Alpaca": {"instruction"},
+                "MetaMath": {"query"}, "prompt/completion": {"prompt", "completion"}}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+def record_format(record):  # the one format whose fields the record has, or a sentence naming them
+    present = [k for k, v in record.items() if v is not None]  # Parquet writes an absent field as None
+    found = [name for name, fields in CHAT_FORMATS.items() if fields & set(present)]
+    if found == ["messages", "prompt/completion"] and "completion" not in present:
+        found = ["messages"]  # HF chat sets (UltraChat, No Robots) repeat the first user turn as 'prompt'
+    fields = ", ".join(present) or "none"
+    if not found:
+        raise UserError(f"the record's fields ({fields}) fit none of the formats {', '.join(CHAT_FORMATS)}")
+    if len(found) > 1:
+        raise UserError(f"the record's fields ({fields}) fit several formats at once: {' and '.join(found)}")
+    return found[0]
+
+def _text(record, field, default=None):  # a string field of an Alpaca or MetaMath record; None: absent
+    value = default if record.get(field) is None else record[field]
+    if not isinstance(value, str):
+        raise UserError(f"the record's '{field}' is " + ("missing" if value is None else "not a string"))
+    return value
+
+def chat_messages(record, fmt):
+    """A ShareGPT, Alpaca (GPTeacher, WizardCoder, MathInstruct) or MetaMath record as Llama 3.1 messages."""
+    if fmt == "ShareGPT":
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise UserError("'conversations' is not a non-empty list")
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
+                raise UserError(f"'conversations' turn {j} is not an object with 'from' and a string 'value'")
+            if turn["from"] not in SHAREGPT_ROLES:
+                expected = ", ".join(SHAREGPT_ROLES)
+                raise UserError(f"'conversations' turn {j} is from {turn['from']!r} (expected {expected})")
+        return [{"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
+    if fmt == "MetaMath":
+        return [{"role": "user", "content": _text(record, "query")},
+                {"role": "assistant", "content": _text(record, "response")}]
+    answer = [field for field in ("output", "response") if record.get(field) is not None]
+    if not answer:
+        raise UserError("the record has neither 'output' nor 'response', so it has no answer")
+    if len(answer) > 1:
+        raise UserError("the record has both 'output' and 'response', so its answer is ambiguous")
+    user, extra = _text(record, "instruction"), _text(record, "input", default="")
+    return [{"role": "user", "content": (user + "\n\n" + extra) if extra else user},
+            {"role": "assistant", "content": _text(record, answer[0])}]
+
 def _record_pieces(tok, record):
-    """A record -> pieces: a list of messages or {"messages": [...]}; or a plain {"prompt", "completion"}
-    (no template: <|begin_of_text|> prompt completion <|end_of_text|>, the two encoded apart as generation
-    sees them), trained on the completion and the end token ("train_eos": false: the completion alone)."""
-    if isinstance(record, dict) and ("prompt" in record or "completion" in record) and "messages" not in record:
+    """A record -> (its format, pieces): a list of messages, or a record of CHAT_FORMATS (the messages chat_messages
+    makes); or a plain {"prompt", "completion"} (no template: <|begin_of_text|> prompt completion <|end_of_text|>, the
+    two encoded apart as generation sees them), trained on the completion and the end token ("train_eos": false:
+    the completion alone)."""
+    fmt = record_format(record) if isinstance(record, dict) else "messages"
+    if fmt == "prompt/completion":
         prompt, completion, train_eos = record.get("prompt"), record.get("completion"), record.get("train_eos", True)
         if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
             raise UserError("a prompt/completion record needs a string 'prompt' and a non-empty string 'completion'")
         if not isinstance(train_eos, bool):
             raise UserError(f"'train_eos' must be true or false, not {train_eos!r}")
-        return [(tok.bos_id, False), (prompt, False), (completion, True), (tok.eos_id, train_eos)]
-    if isinstance(record, dict) and "messages" not in record:
-        raise UserError("the record has neither 'messages' nor 'prompt' and 'completion'")
-    messages = record["messages"] if isinstance(record, dict) else record
+        return fmt, [(tok.bos_id, False), (prompt, False), (completion, True), (tok.eos_id, train_eos)]
+    if fmt == "messages":
+        messages = record["messages"] if isinstance(record, dict) else record
+    else:
+        messages = chat_messages(record, fmt)
     pieces = data.chat_pieces(tok, messages, add_generation_prompt=False)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError("the conversation has no assistant turn, so it has nothing to learn from")
-    return pieces
+    return fmt, pieces
 
 def _blend(weights, source_of, usable, seed):
     """The conversation of every occurrence, shuffled. A weight multiplies: floor(w) copies of each
@@ -67,13 +119,14 @@ def _next_fit(lengths, max_len):  # row bounds, packing in order: what does not 
     return np.asarray(bounds + [len(lengths)], dtype=np.int64)
 
 class ChatDataset:
-    """sources: [(a JSONL or .json path or glob, or a list of records; weight)]. The records (see _record_pieces),
-    blended by weight (see _blend), are packed in order into padded rows of max_len tokens, labels -100 but where
-    format_chat's mask is True. A longer conversation is truncated (skipped if no assistant token is left); a bad
-    record raises UserError, or with skip_bad is skipped (`stats` counts both)."""
+    """sources: [(a record file (see data.read_records) or glob, or a list of records; weight)]. The records (see
+    _record_pieces), blended by weight (see _blend), are packed in order into padded rows of max_len tokens, labels
+    -100 but where format_chat's mask is True. A longer conversation is truncated (skipped if no assistant token is
+    left); a bad record raises UserError, or with skip_bad is skipped (`stats` counts both)."""
     def __init__(self, sources, tok, max_len, seed=0, skip_bad=False, doc_mask=False, log=print):
         self.ctx, self.doc_mask, self.pad_id = max_len, doc_mask, 0 if tok.pad_id is None else tok.pad_id
         bad, pieces, source_of = data.BadRecords(skip_bad), [], []
+        formats = collections.Counter()  # (file, format) -> records: a file that mixes formats says so in the log
         for s, (source, weight) in enumerate(sources):
             if not (weight >= 0 and math.isfinite(weight)):
                 raise UserError(f"the weight of source {s} must be a finite non-negative number, not {weight}")
@@ -83,8 +136,10 @@ class ChatDataset:
                 records = ((f"source {s}", f"conversation {k} of an in-memory source", r) for k, r in enumerate(source))
             for file, where, record in records:
                 try:
-                    pieces.append(_record_pieces(tok, record))
+                    fmt, record_pieces = _record_pieces(tok, record)
+                    pieces.append(record_pieces)
                     source_of.append(s)
+                    formats[file, fmt] += 1
                 except UserError as e:
                     bad(file, f"{where}: {e}")
         encoded = [x for i in range(0, len(pieces), 1024) for x in data.encode_pieces(tok, pieces[i : i + 1024])]
@@ -104,7 +159,8 @@ class ChatDataset:
         if log:
             fill = self.conv_lengths[self.blend].sum() / (len(self) * max_len)
             log("chat data: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.stats.items())
-                + f"; packed into {len(self)} rows of {max_len} ({fill:.0%} full)" + bad.quoted())
+                + f"; packed into {len(self)} rows of {max_len} ({fill:.0%} full)" + bad.quoted()
+                + "".join(f"\n  {file}: {n} {fmt} records" for (file, fmt), n in formats.items()))
 
     def __len__(self):
         return len(self.row_bounds) - 1
@@ -138,8 +194,9 @@ class ChatDataset:
 def build_parser():
     p = train.common_parser("Stage 2: instruction tuning on chat data (see README)")
     p.set_defaults(out="out/sft", doc_mask=True)  # packed conversations never see each other
-    p.add_argument("--data", nargs="*", help="chat (or prompt/completion) JSONL files or globs, each optionally "
-                                             "path:weight (absent: the built-in SYNTHETIC chat task)")
+    p.add_argument("--data", nargs="*", help="SFT files as published (messages, ShareGPT, Alpaca, MetaMath, prompt/"
+                                             "completion) or globs, each optionally path:weight (absent: the "
+                                             "built-in SYNTHETIC chat task)")
     p.add_argument("--max-len", help="rows of this many tokens (default: 8K as the paper; tiny: 1K); longer "
                                      "conversations are truncated, and counted")
     p.add_argument("--loss-weighting", default="token", choices=["token", "conversation"],

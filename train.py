@@ -539,7 +539,8 @@ def prepare(args) -> Dist:  # the device's defaults, the seed, the process group
 
 def run(args):
     if args.tokenize_only:
-        return data.build_token_file(args.data, data.load_tokenizer(args.model), args.cache)
+        tokenizer = data.load_tokenizer(args.model)  # --skip-bad too: the training run reuses the same token file
+        return data.build_token_file(args.data, tokenizer, args.cache, skip_bad=args.skip_bad)
     if args.plan:
         return print_plan(args, args.world or int(os.environ.get("WORLD_SIZE", "1")))
     d = prepare(args)

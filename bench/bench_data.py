@@ -11,10 +11,17 @@
    and into a fresh array; also shown: copying the ctx+1 uint32 tokens, from memory and in cache.
    Memory: runs in a fresh process and reports the peak resident set beyond the sequence itself
    (target < ~100 MB).
+3. containers: build_token_file from the same documents as JSONL, Parquet (row groups of 256 documents)
+   and .jsonl.zst, each against the library's batch encoding in the same run (target >= 0.9x each;
+   the token files must be equal). Memory: peak RSS (VmHWM, a fresh process, byte-level tokenizer) while
+   reading Parquet files of 10, 20 and 40 row groups of ~8 MiB of text: flat in the file's size.
 
     python bench/bench_data.py                     (--quick: 4 MiB of text, a 256 MiB token file)
+    python bench/bench_data.py --parts containers --container-mib 16
 """
 import argparse
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -50,6 +57,15 @@ def best_of(repeats, fn):
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def interleaved_best(fns, repeats):
+    """Best time of each fn over interleaved repeats: a shared machine's load drifts, and all see it alike."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t.append(best_of(1, fn))
+    return [min(t) for t in times]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,12 +144,7 @@ def bench_tokenization(name, tok, texts, n_bytes, workdir, repeats):
         shutil.rmtree(cache)
 
     ours()  # warm the page cache and the tokenizer before timing
-    # Interleaved repeats, best of each: a shared machine's load drifts, and all three see it alike.
-    times = {library_encode: [], library_encode_ids: [], ours: []}
-    for _ in range(repeats):
-        for fn in times:
-            times[fn].append(best_of(1, fn))
-    t_lib, t_lib_ids, t_ours = (min(t) for t in times.values())
+    t_lib, t_lib_ids, t_ours = interleaved_best([library_encode, library_encode_ids, ours], repeats)
 
     # correctness in the same run: the token file holds exactly the library's ids
     cache = tempfile.mkdtemp(dir=workdir)
@@ -256,6 +267,113 @@ def bench_packing(file_tokens, ctx, max_sequences):
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# 3. containers: Parquet and .jsonl.zst against JSONL and the library
+
+def cycled_texts(max_bytes):
+    """This Python's standard library sources, repeated (each copy numbered) until max_bytes of text."""
+    base, base_bytes = stdlib_texts(float("inf"))
+    texts, total = [], 0
+    for copy in itertools.count():
+        for text in base:
+            texts.append(f"# copy {copy}\n" + text)
+            total += len(texts[-1].encode("utf-8"))
+            if total >= max_bytes:
+                return texts, total
+
+
+def write_containers(texts, workdir, row_group_docs):
+    """The same documents as corpus.jsonl, corpus.parquet (row groups of row_group_docs) and corpus.jsonl.zst,
+    each in its own folder (the domain is the file's name, so the token files are comparable)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    paths = {ext: os.path.join(workdir, ext, f"corpus.{ext}") for ext in ("jsonl", "parquet", "jsonl.zst")}
+    for path in paths.values():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(paths["jsonl"], "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    with open(paths["jsonl"], "rb") as src, zstandard.open(paths["jsonl.zst"], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with pq.ParquetWriter(paths["parquet"], pa.schema([("text", pa.string())])) as writer:
+        for start in range(0, len(texts), row_group_docs):
+            writer.write_table(pa.table({"text": texts[start : start + row_group_docs]}))
+    return paths
+
+
+def bench_containers(name, tok, texts, n_bytes, workdir, repeats):
+    paths = write_containers(texts, workdir, row_group_docs=256)
+    backend, batches = tok._backend, library_batches(texts)
+
+    def library_encode():
+        for batch in batches:
+            backend.encode_batch_fast(batch, add_special_tokens=False)
+
+    def build(path):
+        cache = tempfile.mkdtemp(dir=workdir)
+        data.build_token_file([path], tok, cache, log=None)
+        shutil.rmtree(cache)
+
+    readers = [functools.partial(build, path) for path in paths.values()]
+    for reader in readers:
+        reader()  # warm the page cache, the tokenizer and the imports
+    t_lib, *t_ours = interleaved_best([library_encode] + readers, repeats)
+    token_files = [data.build_token_file([path], tok, tempfile.mkdtemp(dir=workdir), log=None)
+                   for path in paths.values()]
+    for tf in token_files[1:]:  # the same token file from every container, in the same run
+        assert (tf.tokens == token_files[0].tokens).all() and (tf.lengths == token_files[0].lengths).all()
+    sizes = {ext: os.path.getsize(path) / MiB for ext, path in paths.items()}
+    print(f"  {name}: {n_bytes / MiB:.1f} MiB of text, {len(texts)} documents -> {token_files[0].n_tokens / 1e6:.2f}M "
+          f"tokens; files: " + ", ".join(f"{ext} {mib:.1f} MiB" for ext, mib in sizes.items()))
+    print(f"    tokenizers encode_batch_fast, in memory     {n_bytes / t_lib / MiB:8.2f} MiB/s")
+    result = {"tokenizer": name, "mib": n_bytes / MiB, "docs": len(texts), "library_mib_s": n_bytes / t_lib / MiB}
+    for ext, t in zip(paths, t_ours):
+        print(f"    build_token_file from {ext:<10}            {n_bytes / t / MiB:8.2f} MiB/s   ratio {t_lib / t:.2f}x")
+        result[ext] = {"mib_s": n_bytes / t / MiB, "ratio": t_lib / t, "file_mib": sizes[ext]}
+    return result
+
+
+def parquet_memory_child(path):
+    """Runs in a fresh process: peak resident memory (VmHWM) while tokenizing a Parquet file, byte-level."""
+    cache = tempfile.mkdtemp(dir=os.path.dirname(path))
+    baseline = rss_bytes()
+    token_file = data.build_token_file([path], data.builtin_tokenizer(), cache, log=None)
+    return {"rss_baseline_mib": baseline / MiB, "rss_peak_mib": rss_bytes("VmHWM") / MiB,
+            "tokens": token_file.n_tokens}
+
+
+def bench_parquet_memory(group_mib, group_counts):
+    """Peak RSS while reading Parquet files of each count of row groups of ~group_mib MiB of text: flat when the
+    reader holds one row group at a time (the largest file is many times its row groups)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    base, _ = stdlib_texts(group_mib * MiB)  # one row group's documents
+    tmp, results = tempfile.mkdtemp(prefix="bench_data_pq_", dir="/tmp"), []
+    try:
+        for n_groups in group_counts:
+            path = os.path.join(tmp, f"g{n_groups}", "corpus.parquet")
+            os.makedirs(os.path.dirname(path))
+            with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+                for g in range(n_groups):  # each group's documents made distinct
+                    writer.write_table(pa.table({"text": [f"# group {g}\n" + t for t in base]}))
+            out = subprocess.run([sys.executable, __file__, "--parquet-memory-child", path], check=True,
+                                 capture_output=True, text=True)
+            r = {**json.loads(out.stdout.strip().splitlines()[-1]), "file_mib": os.path.getsize(path) / MiB,
+                 "groups": n_groups, "text_mib": n_groups * sum(len(t.encode("utf-8")) for t in base) / MiB}
+            print(f"    {n_groups:3d} row groups, {r['text_mib']:6.1f} MiB of text ({r['file_mib']:.1f} MiB file): "
+                  f"peak RSS {r['rss_peak_mib']:.0f} MiB (baseline {r['rss_baseline_mib']:.0f} MiB)")
+            results.append(r)
+            shutil.rmtree(os.path.dirname(path))
+    finally:
+        shutil.rmtree(tmp)
+    small, large = results[0], results[-1]
+    extra_text, extra_rss = large["text_mib"] - small["text_mib"], large["rss_peak_mib"] - small["rss_peak_mib"]
+    print(f"    largest vs smallest file: {extra_rss:+.0f} MiB of peak RSS for {extra_text:.0f} MiB more text "
+          f"({extra_rss / extra_text:.3f} MiB per MiB; reading it all into memory: >= 1)")
+    return {"runs": results, "rss_growth_mib_per_text_mib": extra_rss / extra_text}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -263,41 +381,63 @@ def main():
     parser.add_argument("--packing-child", help=argparse.SUPPRESS)
     parser.add_argument("--ctx", type=int, default=4 * MiB)
     parser.add_argument("--max-sequences", type=int, default=1000)
+    parser.add_argument("--container-mib", type=float, default=16,
+                        help="MiB of text tokenized from each container (the issue's ~200 takes an hour here)")
+    parser.add_argument("--parts", default="tokenize,packing,containers")
+    parser.add_argument("--parquet-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.packing_child:
         print(json.dumps(packing_child(args.packing_child, args.ctx, args.max_sequences)))
         return
+    if args.parquet_memory_child:
+        print(json.dumps(parquet_memory_child(args.parquet_memory_child)))
+        return
 
+    parts = set(args.parts.split(","))
     print(f"machine: {os.cpu_count()} CPUs; {data.tokenizers.__version__=}; numpy {np.__version__}")
     text_bytes = 4 * MiB if args.quick else 8 * MiB
     texts, n_bytes = stdlib_texts(text_bytes)
     workdir = tempfile.mkdtemp(prefix="bench_data_tok_")
-    results = {}
+    results, repeats = {}, 2 if args.quick else 3
     try:
-        print("1. tokenization")
-        if args.tokenizer:
-            bpe, name = data.load_tokenizer(args.tokenizer), args.tokenizer
-        else:
-            start = time.perf_counter()
-            bpe = data.load_tokenizer(train_bpe(texts[: len(texts) // 4], os.path.join(workdir, "bpe")))
-            name = f"BPE trained here (vocab {bpe.vocab_size})"
-            print(f"  trained {name} in {time.perf_counter() - start:.1f} s")
-        results["tokenize_bpe"] = bench_tokenization(name, bpe, texts, n_bytes, workdir, repeats=2 if args.quick else 3)
-        results["tokenize_builtin"] = bench_tokenization("built-in byte-level", data.builtin_tokenizer(), texts,
-                                                         n_bytes, workdir, repeats=2 if args.quick else 3)
+        if parts & {"tokenize", "containers"}:
+            if args.tokenizer:
+                bpe, name = data.load_tokenizer(args.tokenizer), args.tokenizer
+            else:
+                start = time.perf_counter()
+                bpe = data.load_tokenizer(train_bpe(texts[: len(texts) // 4], os.path.join(workdir, "bpe")))
+                name = f"BPE trained here (vocab {bpe.vocab_size})"
+                print(f"  trained {name} in {time.perf_counter() - start:.1f} s")
+        if "tokenize" in parts:
+            print("1. tokenization")
+            results["tokenize_bpe"] = bench_tokenization(name, bpe, texts, n_bytes, workdir, repeats)
+            results["tokenize_builtin"] = bench_tokenization("built-in byte-level", data.builtin_tokenizer(), texts,
+                                                             n_bytes, workdir, repeats)
+        if "packing" in parts:
+            print("2. packing")
+            file_tokens = (256 * MiB if args.quick else int(1.1 * (1 << 30))) // 4
+            results["packing"] = bench_packing(file_tokens, args.ctx, args.max_sequences)
+        if "containers" in parts:
+            print("3. containers: JSONL, Parquet, .jsonl.zst")
+            big, big_bytes = cycled_texts((4 if args.quick else args.container_mib) * MiB)
+            results["containers"] = bench_containers(name, bpe, big, big_bytes, os.path.join(workdir, "c"), repeats)
+            print("  memory: Parquet files of 10, 20 and 40 row groups of ~8 MiB of text each")
+            results["parquet_memory"] = bench_parquet_memory(8, (5, 10) if args.quick else (10, 20, 40))
     finally:
         shutil.rmtree(workdir)
-
-    print("2. packing")
-    file_tokens = (256 * MiB if args.quick else int(1.1 * (1 << 30))) // 4
-    results["packing"] = bench_packing(file_tokens, args.ctx, args.max_sequences)
-    print("summary: " + json.dumps({
-        "tokenize_ratio_bpe": round(results["tokenize_bpe"]["ratio"], 2),
-        "tokenize_ratio_builtin": round(results["tokenize_builtin"]["ratio"], 2),
-        "packing_ratio_vs_output_copy": round(results["packing"]["ratio_vs_output_copy"], 2),
-        "loader_ratio_vs_output_copy": round(results["packing"]["loader_ratio_vs_output_copy"], 2),
-        "rss_beyond_sequence_mib": round(results["packing"]["rss_beyond_sequence_mib"], 1),
-    }))
+    summary = {}
+    if "tokenize" in parts:
+        summary.update(tokenize_ratio_bpe=round(results["tokenize_bpe"]["ratio"], 2),
+                       tokenize_ratio_builtin=round(results["tokenize_builtin"]["ratio"], 2))
+    if "packing" in parts:
+        summary.update(packing_ratio_vs_output_copy=round(results["packing"]["ratio_vs_output_copy"], 2),
+                       loader_ratio_vs_output_copy=round(results["packing"]["loader_ratio_vs_output_copy"], 2),
+                       rss_beyond_sequence_mib=round(results["packing"]["rss_beyond_sequence_mib"], 1))
+    if "containers" in parts:
+        summary.update({f"{ext}_ratio": round(results["containers"][ext]["ratio"], 2)
+                        for ext in ("jsonl", "parquet", "jsonl.zst")},
+                       parquet_rss_peak_mib=[round(r["rss_peak_mib"]) for r in results["parquet_memory"]["runs"]])
+    print("summary: " + json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -424,10 +425,84 @@ def test_dead_builds_are_removed_live_ones_kept(tok, tmp_path):
 
 def test_empty_corpus_and_missing_input(tok, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(UserError, match="corpus is empty"):
-        data.build_token_file([str(tmp_path / "empty.jsonl")], tok, str(tmp_path / "cache"), log=None)
+    (tmp_path / "empty.json").write_text("[]", encoding="utf-8")
+    write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}])  # a document, without tokens
+    empty, blank = str(tmp_path / "empty.jsonl"), str(tmp_path / "blank.jsonl")
+    for name in ("empty.jsonl", "empty.json"):
+        with pytest.raises(UserError, match=rf"^{tmp_path / name} holds no documents \(pass --skip-bad"):
+            data.build_token_file([str(tmp_path / name)], tok, str(tmp_path / "cache"), log=None)
+    # a corpus without any document names the inputs as given, not the cache, and prints no dict
+    for paths, skip_bad in [([empty], True), ([blank], False), ([empty, blank], True)]:
+        with pytest.raises(UserError) as e:
+            data.build_token_file(paths, tok, str(tmp_path / "cache"), skip_bad=skip_bad, log=None)
+        assert str(e.value) == f"no document of {', '.join(paths)} has any tokens, so the corpus is empty"
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}])
+    tf = data.build_token_file([empty, str(tmp_path / "a.jsonl")], tok, str(tmp_path / "cache"), skip_bad=True,
+                               log=None)
+    assert tf.n_docs == 1 and tf.stats["bad_per_file"] == {empty: 1}
+    assert tf.stats["bad_examples"] == [f"{empty} holds no documents"]
     with pytest.raises(UserError, match="neither a file, a directory nor a matching glob"):
         data.build_token_file([str(tmp_path / "nothing*.jsonl")], tok, str(tmp_path / "cache"), log=None)
+
+
+def write_containers(tmp_path, records, row_group_size):
+    """The same records as corpus.jsonl, corpus.parquet (row groups of row_group_size), corpus.jsonl.zst (two
+    zstd frames, as pzstd writes) and corpus.json.zst, each in its own folder (the domain is the file's name)."""
+    pa, pq, zstd = (pytest.importorskip(m) for m in ("pyarrow", "pyarrow.parquet", "zstandard"))
+    paths = {ext: tmp_path / ext / f"corpus.{ext}" for ext in ("jsonl", "parquet", "jsonl.zst", "json.zst")}
+    for path in paths.values():
+        path.parent.mkdir()
+    write_jsonl(paths["jsonl"], records)
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("domain", pa.string())])
+    rows = [{"id": k, **r} for k, r in enumerate(records)]  # a record without a domain: None in Parquet
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), paths["parquet"], row_group_size=row_group_size)
+    lines, half = paths["jsonl"].read_bytes(), len(records) // 2
+    cut = len(b"".join(lines.splitlines(keepends=True)[:half]))
+    compressor = zstd.ZstdCompressor()
+    paths["jsonl.zst"].write_bytes(compressor.compress(lines[:cut]) + compressor.compress(lines[cut:]))
+    paths["json.zst"].write_bytes(compressor.compress(json.dumps(records).encode("utf-8")))
+    return {ext: str(path) for ext, path in paths.items()}
+
+
+def test_parquet_and_zstd_corpora_equal_jsonl_token_for_token(tok, tmp_path):
+    rng = random.Random(5)
+    records = [{"text": random_text(rng, rng.randint(0, 300)), **({"domain": "web"} if k % 3 else {})}
+               for k in range(40)]
+    records[5]["text"] = ""  # an empty document: dropped alike
+    paths = write_containers(tmp_path, records, row_group_size=7)
+    import pyarrow.parquet as pq
+    assert pq.ParquetFile(paths["parquet"]).num_row_groups == 6
+    files = {ext: data.build_token_file([path], tok, str(tmp_path / "cache"), log=None)
+             for ext, path in paths.items()}
+    expected = files["jsonl"]
+    assert expected.domain_names == ["corpus", "web"] and expected.stats["empty_documents"] > 0
+    for ext, tf in files.items():
+        assert (tf.tokens == expected.tokens).all() and (tf.lengths == expected.lengths).all(), ext
+        assert (tf.domains == expected.domains).all() and tf.domain_names == expected.domain_names, ext
+        assert tf.stats["empty_documents"] == expected.stats["empty_documents"], ext
+
+
+def test_parquet_and_zstd_bad_files_and_missing_packages(tok, tmp_path, monkeypatch):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "inputs"
+    root.mkdir()
+    paths = write_containers(root, [{"text": "one"}, {"text": "two"}], row_group_size=1)
+    pq.write_table(pa.table({"id": [1], "content": ["x"]}), root / "other.parquet")
+    (root / "broken.parquet").write_bytes(b"PAR1 not a parquet file")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), root / "none.parquet")
+    for name, message in [("other.parquet", r"other\.parquet has no 'text' column \(its columns: id, content\)"),
+                          ("broken.parquet", r"broken\.parquet: not a readable Parquet file"),
+                          ("none.parquet", r"none\.parquet holds no documents")]:
+        with pytest.raises(UserError, match=message):
+            data.build_token_file([str(root / name)], tok, str(tmp_path / "cache"), log=None)
+    tf = data.build_token_file([str(root)], tok, str(tmp_path / "cache"), skip_bad=True, log=None)
+    assert tf.n_docs == 8 and tf.stats["bad_skipped"] == 3  # the 4 containers' 2 documents; the 3 bad files
+    for module, package, ext in [("pyarrow.parquet", "pyarrow", "parquet"), ("zstandard", "zstandard", "jsonl.zst")]:
+        monkeypatch.setitem(sys.modules, module, None)  # `import` now raises ImportError, as when not installed
+        for skip_bad in (False, True):  # a missing package is not a bad record: it is never skipped
+            with pytest.raises(UserError) as e:
+                data.build_token_file([paths[ext]], tok, str(tmp_path / "cache2"), skip_bad=skip_bad, log=None)
+            assert str(e.value) == f"reading {paths[ext]} needs the {package} package: pip install {package}"
 
 
 def test_builtin_corpus(tok, tmp_path):
@@ -726,7 +801,8 @@ def test_chat_bad_input(tok, tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     cases = [
         ('{"messages": [', r"chat\.jsonl line 2: malformed JSON"),
-        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record has neither 'messages' nor 'prompt'"),
+        (json.dumps({"text": "x"}), r"chat\.jsonl line 2: the record's fields \(text\) fit none of the formats "
+                                    r"messages, ShareGPT, Alpaca, MetaMath, prompt/completion \(pass --skip-bad"),
         (json.dumps({"prompt": "x"}), r"chat\.jsonl line 2: a prompt/completion record needs .* 'completion'"),
         (json.dumps({"prompt": "x", "completion": "y", "train_eos": "no"}), r"chat\.jsonl line 2: 'train_eos' must be"),
         (json.dumps({"messages": [{"role": "user", "content": "q"}]}), r"chat\.jsonl line 2: .*no assistant turn"),

@@ -223,3 +223,116 @@ def test_bad_flags_are_refused_before_anything_is_loaded(tmp_path, monkeypatch, 
         train.main([*args, "--out", str(tmp_path / "out")], run=sft.run, parser=sft.build_parser,
                    defaults=sft.fill_defaults)
     assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: " + message)
+
+
+# --- the SFT sets as published --------------------------------------------------------------------
+def plain_conversations():
+    """One question and answer each, as Alpaca and MetaMath hold them; every other one has an input after "\n\n"."""
+    return [[{"role": "user", "content": f"Add {i} and {i}." + (f"\n\nThe numbers: {i}, {i}." if i % 2 else "")},
+             {"role": "assistant", "content": f"{i} + {i} = {2 * i}"}] for i in range(12)]
+
+
+def published(messages, fmt):
+    """The conversation as the published set writes it (its extra fields, which are ignored, included)."""
+    if fmt == "ShareGPT":
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"id": "x1", "conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+    question, answer = messages[0]["content"], messages[1]["content"]
+    if fmt == "MetaMath":
+        return {"query": question, "response": answer, "type": "GSM_Rephrased", "original_question": question}
+    instruction, _, extra = question.partition("\n\n")
+    return {"Alpaca": {"instruction": instruction, "input": extra, "output": answer},
+            "GPTeacher": {"instruction": instruction, "input": extra, "response": answer},
+            "WizardCoder": {"instruction": question, "output": answer},  # no input field
+            "MathInstruct": {"source": "data/CoT/gsm_rft.json", "instruction": question, "output": answer}}[fmt]
+
+
+FORMAT_NAMES = {"ShareGPT": "ShareGPT", "MetaMath": "MetaMath"}  # the others are all read as Alpaca
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["ShareGPT", "Alpaca", "GPTeacher", "WizardCoder", "MathInstruct", "MetaMath"])
+def test_each_published_format_gives_the_tokens_mask_and_losses_of_its_messages(tmp_path, fmt):
+    tok = data.load_tokenizer(None)
+    convs = plain_conversations()
+    if fmt == "ShareGPT":  # system turns and several rounds too
+        convs += [c["messages"] for c in conversations()[:6]] + [convs[0] + convs[1]]
+    ours_path = write_records(tmp_path / "published.jsonl", [published(c, fmt) for c in convs])
+    messages_path = write_records(tmp_path / "messages.jsonl", [{"messages": c} for c in convs])
+    for weight in (1.0, 2.5):  # file:weight blends every format alike
+        logs = []
+        ours = sft.ChatDataset([(ours_path, weight)], tok, max_len=256, seed=0, doc_mask=True, log=logs.append)
+        expected = sft.ChatDataset([(messages_path, weight)], tok, max_len=256, seed=0, doc_mask=True, log=None)
+        assert len(ours) == len(expected) and ours.stats == expected.stats
+        batches = [{k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in data.BATCH_KEYS}
+                   for ds in (ours, expected)]
+        for key in data.BATCH_KEYS:  # tokens, labels (the mask), positions, conversations
+            assert batches[0][key].tolist() == batches[1][key].tolist(), key
+        assert f"{ours_path}: {len(convs)} {FORMAT_NAMES.get(fmt, 'Alpaca')} records" in logs[0]
+    m = M.Llama(M.preset("tiny"))
+    m.init_weights(seed=0)
+    with torch.no_grad():  # the loss the training loop takes of the first two rows
+        losses = [m(b["tokens"][:2], labels=b["labels"][:2], positions=b["positions"][:2],
+                    doc_ids=b["doc_ids"][:2]).item() for b in batches]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": "hi"}, "'conversations' is not a non-empty list"),
+    ({"conversations": [{"from": "human"}]}, "'conversations' turn 0 is not an object with 'from' and a string"),
+    ({"conversations": [{"from": "human", "value": 5}]}, "'conversations' turn 0 is not an object with 'from' and"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function", "value": "{}"}]},
+     "'conversations' turn 1 is from 'function' \\(expected system, human, user, gpt, assistant\\)"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "the conversation has no assistant turn"),
+    ({"instruction": 5, "output": "a"}, "the record's 'instruction' is not a string"),
+    ({"instruction": "q"}, "the record has neither 'output' nor 'response', so it has no answer"),
+    ({"instruction": "q", "input": ["x"], "output": "a"}, "the record's 'input' is not a string"),
+    ({"instruction": "q", "response": None}, "the record has neither 'output' nor 'response'"),
+    ({"instruction": "q", "output": ["a"]}, "the record's 'output' is not a string"),
+    ({"instruction": "q", "output": "a", "response": "b"},
+     "the record has both 'output' and 'response', so its answer is ambiguous"),
+    ({"query": "q", "response": None}, "the record's 'response' is missing"),
+    ({"query": "q", "response": 4}, "the record's 'response' is not a string"),
+    ({"query": "q", "instruction": "i", "response": "a"},
+     r"the record's fields \(query, instruction, response\) fit several formats at once: Alpaca and MetaMath \("),
+    ({"messages": [], "conversations": []},
+     r"the record's fields \(messages, conversations\) fit several formats at once: messages and ShareGPT \("),
+    ({"question": "q", "answer": "a"},
+     r"the record's fields \(question, answer\) fit none of the formats messages, ShareGPT, Alpaca, MetaMath, "
+     r"prompt/completion \("),
+])
+def test_a_bad_record_of_each_format_is_named_by_file_and_line(tmp_path, record, message):
+    tok = data.load_tokenizer(None)
+    good = published(plain_conversations()[1], "Alpaca")
+    path = write_records(tmp_path / "chat.jsonl", [good, record])
+    with pytest.raises(data.UserError, match=rf"chat\.jsonl line 2: {message}"):
+        sft.ChatDataset([(path, 1.0)], tok, max_len=256, log=None)
+    assert sft.ChatDataset([(path, 1.0)], tok, max_len=256, skip_bad=True, log=None).stats["bad_skipped"] == 1
+
+
+def test_published_sets_read_from_parquet_and_zstd_jsonl(tmp_path):
+    """The hub's Parquet export of a ShareGPT set (conversations: a list of structs) and a .jsonl.zst read
+    as its JSONL: the same rows."""
+    pa, pq, zstd = (pytest.importorskip(m) for m in ("pyarrow", "pyarrow.parquet", "zstandard"))
+    tok = data.load_tokenizer(None)
+    records = [published(c["messages"], "ShareGPT") for c in conversations()]
+    jsonl = write_records(tmp_path / "sharegpt.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "sharegpt.parquet", row_group_size=5)
+    zst = tmp_path / "sharegpt.jsonl.zst"
+    zst.write_bytes(zstd.ZstdCompressor().compress((tmp_path / "sharegpt.jsonl").read_bytes()))
+
+    def rows(path):
+        ds = sft.ChatDataset([(str(path), 1.0)], tok, max_len=256, log=None)
+        return [ds[i][key].tolist() for i in range(len(ds)) for key in data.BATCH_KEYS]
+    assert rows(tmp_path / "sharegpt.parquet") == rows(jsonl) == rows(zst)
+    # Parquet writes a field a row lacks as None: an Alpaca set where only some rows have an input
+    alpaca = [published(c, "Alpaca") for c in plain_conversations()]
+    for record in alpaca[::2]:
+        del record["input"]
+    schema = pa.schema([(field, pa.string()) for field in ("instruction", "input", "output")])
+    pq.write_table(pa.Table.from_pylist(alpaca, schema=schema), tmp_path / "alpaca.parquet")
+    assert rows(tmp_path / "alpaca.parquet") == rows(write_records(tmp_path / "alpaca.jsonl", alpaca))
