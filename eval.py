@@ -4,8 +4,7 @@
     python eval.py ruler   --model DIR --lengths 128K --haystack essays/ --squad SQUAD --hotpotqa HOTPOT [--prepare-only]
     python eval.py ruler   --model DIR --data RULER/synthetic/131072/data   (RULER's own validation.jsonl files)
     python eval.py infinitebench --model DIR --data InfiniteBench/ [--tasks passkey,kv_retrieval] [--prepare-only]
-    python eval.py lveval  --model DIR --data LVEval/ [--lengths 16k,32k] [--tasks factrecall_en]
-    python eval.py lveval  --score preds/*.jsonl     (predictions made elsewhere, in the benchmark's own files)
+    python eval.py lveval  --model DIR --data LVEval/ [--lengths 16k,32k] [--tasks factrecall_en] [--score FILES]
     python eval.py ppl     --model DIR --lengths 4K --docs 4 [--data FILES]   (buckets of length/16)
     python eval.py jsonl   FILE.jsonl --model DIR [--max-len 128K]
     torchrun --nproc_per_node 8 eval.py niah --cp 8 --model DIR --lengths 1M   (one prompt, 8 GPUs)
@@ -114,11 +113,10 @@ def load_model(path: str, dtype: str, d):
     """The model, whole on every rank (decoding needs it), its weights read once: rank 0 reads, then broadcasts."""
     if not os.path.isdir(path):
         raise UserError(f"model directory {path} does not exist; train one with `python train.py` or pass --model")
-    bf16 = dtype == "bf16" or dtype == "auto" and d.device.type == "cuda"
-    model = M.Llama.from_pretrained(path, torch.bfloat16 if bf16 else torch.float32, d.device, read_weights=d.is_main)
+    dtype = torch.bfloat16 if dtype == "bf16" or dtype == "auto" and d.device.type == "cuda" else torch.float32
+    model = M.Llama.from_pretrained(path, dtype, d.device, read_weights=d.is_main).eval()
     if d.world > 1:
         train.weights_from_rank0(model, model.state_dict() if d.is_main else None, d.device)
-    model.eval()
     vocab, own = model.args.vocab_size, os.path.isfile(os.path.join(path, "tokenizer.json"))
     refuse([(not own and vocab != data.BUILTIN_VOCAB_SIZE, f"{path} has no tokenizer.json and its vocabulary "
              f"({vocab}) is not the built-in tokenizer's ({data.BUILTIN_VOCAB_SIZE})")])
@@ -305,9 +303,9 @@ def ruler_records(args, tok):
     """(length, task, RULER's records, built lazily; or read from --data) per runnable task; the others are
     named once, with why."""
     if args.data:
-        found, args.skipped = ruler.read_prepared(args.data[0], args.tasks)
+        found, args.skipped, n = ruler.read_prepared(args.data[0], args.tasks)
         print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
-        n = ruler.folder_length(args.data[0]) or (args.lengths[0] if len(args.lengths) == 1 else None)
+        n = n or (args.lengths[0] if len(args.lengths) == 1 else None)
         refuse([(n is None, f"--data {args.data[0]}: no folder of its path names the length (RULER's "
                             f".../synthetic/131072/data does); pass it as --lengths 128K")])
         args.lengths = [n]

@@ -305,11 +305,14 @@ def item_score(task: str, prediction: str, references: list[str]) -> float:
 def task_score(task, predictions, references) -> float:  # as RULER reports it: mean item score x 100, 2 decimals
     return round(sum(map(item_score, [task] * len(predictions), predictions, references)) / len(predictions) * 100, 2)
 
-def read_prepared(folder: str, tasks) -> tuple[dict, dict]:
+def read_prepared(folder: str, tasks) -> tuple[dict, dict, int | None]:
     """RULER's own files, folder/<task>/validation.jsonl as its prepare.py writes them (index, input, outputs,
     length, length_w_model_temp, answer_prefix, token_position_answer): ({task: records, each with the task's
-    budget}, {task: why} for those without a file). The prompt is sent as RULER wrote it: input + answer_prefix."""
+    budget}, {task: why} for those without a file, the length named by the nearest folder named as a size: RULER's
+    .../synthetic/131072/data). The prompt is sent as RULER wrote it: input + answer_prefix."""
     found, skipped = {}, {}
+    length = next((rope.parse_size(part) for part in reversed(os.path.abspath(folder).split(os.sep))
+                   if re.fullmatch(r"[0-9]+[KkMm]?", part)), None)
     for task in tasks:
         path = os.path.join(folder, task, "validation.jsonl")
         if not os.path.isfile(path):
@@ -324,9 +327,4 @@ def read_prepared(folder: str, tasks) -> tuple[dict, dict]:
                                 f"and 'outputs', a non-empty list of strings)")
             found[task].append(dict(r, index=r.get("index", line), answer_prefix=r.get("answer_prefix", ""),
                                     tokens_to_generate=budget(task)))
-    return found, skipped
-
-def folder_length(folder: str) -> int | None:  # RULER's .../synthetic/131072/data: the nearest folder named as a size
-    for part in reversed(os.path.abspath(folder).split(os.sep)):
-        if re.fullmatch(r"[0-9]+[KkMm]?", part):
-            return rope.parse_size(part)
+    return found, skipped, length
