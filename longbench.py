@@ -8,7 +8,7 @@ per task); infinigence/LVEval config.py (DATASET_PROMPT, DATASET_MAXGEN, DATASET
 (truncate_prompt), metrics.py, evaluation.py (the scorer: the first reference only, round(100 x mean, 2)).
 The deliberate differences are listed in the README. Here too: the frame every evaluation prompt shares.
 """
-import collections, importlib, json, os, pathlib, re, string
+import collections, json, os, pathlib, re, string
 from collections.abc import Iterator
 
 import data
@@ -276,10 +276,7 @@ IB_SCORERS = {
 
 # ---- LV-Eval's scorers (metrics.py), through DATASET_METRIC -------------------------------------------------
 def jieba():  # imported only for LV-Eval's Chinese datasets
-    try:
-        return importlib.import_module("jieba")
-    except ImportError:
-        raise UserError("LV-Eval's Chinese datasets segment words with jieba: pip install jieba") from None
+    return data.optional_import("jieba", "LV-Eval's Chinese datasets (jieba segments their words)")
 
 def lv_words(text: str, chinese: bool) -> list[str]:  # normalised words: English by spaces, Chinese by jieba
     if not chinese:

@@ -4,10 +4,12 @@ packages the benchmarks call; eval.py's infinitebench / lveval / ruler --data en
 import json
 import os
 import random
+import re
 import shutil
 
 import pytest
 
+import data
 import eval as E
 import longbench as L
 import rope
@@ -242,10 +244,11 @@ def test_lveval_chinese_metrics():
 
 
 def test_missing_jieba_is_one_sentence(monkeypatch):
-    real = L.importlib.import_module
-    monkeypatch.setattr(L.importlib, "import_module",
+    real = data.importlib.import_module
+    monkeypatch.setattr(data.importlib, "import_module",
                         lambda name: (_ for _ in ()).throw(ImportError(name)) if name == "jieba" else real(name))
-    with pytest.raises(rope.UserError, match="LV-Eval's Chinese datasets segment words with jieba: pip install jieba"):
+    with pytest.raises(rope.UserError, match=re.escape("reading LV-Eval's Chinese datasets (jieba segments their "
+                                                       "words) needs the jieba package: pip install jieba")):
         lv("cmrc_mixup", "北京", ["北京"])
     assert lv("factrecall_en", "Ludwig", ["Ludwig"]) == 1  # the English datasets need nothing more
 
