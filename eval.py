@@ -309,7 +309,7 @@ def ruler_records(args, tok):
         refuse([(n is None, f"--data {args.data[0]}: no folder of its path names the length (RULER's "
                             f".../synthetic/131072/data does); pass it as --lengths 128K")])
         args.lengths = [n]
-        return [(n, t, records) for t, records in found.items()]
+        return [(n, t, ruler.prepared_records(t, path)) for t, path in found.items()]
     sources = ruler.read_sources(args.haystack, args.squad, args.hotpotqa)
     args.skipped = {t: ruler.unavailable(t, sources) for t in args.tasks if ruler.unavailable(t, sources)}
     print("".join(f"skipped {task}: it {why}\n" for task, why in args.skipped.items()), end="")
@@ -341,11 +341,11 @@ def run_ruler(args, model, tok, d, log):
     sample = lambda n, t, r: dict(tokens=ruler.encode(tok, r["input"] + r["answer_prefix"]), answers=r["outputs"],
                                   max_new_tokens=r["tokens_to_generate"], task=t, length=n, index=r["index"])
     done = lambda n, t: all(f"{t} {n} #{i}" in log[0] for i in range(args.samples))  # builds no record: slow at 1M
-    runs = ruler_records(args, tok)  # records read from --data are lists, of their own length
+    runs = ruler_records(args, tok)  # --data's records are read, one at a time, however many its files hold
     samples = ((f"{t} {n} #{i}", partial(sample, n, t, r)) for n, t, records in runs
-               for i, r in enumerate(records if isinstance(records, list) or not done(n, t) else [None] * args.samples))
-    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler", total=sum(
-        len(records) if isinstance(records, list) else args.samples for _, _, records in runs))
+               for i, r in enumerate(records if args.data or not done(n, t) else [None] * args.samples))
+    items = resume(log, lambda build: answer(model, tok, build(), {}, d), samples, desc="ruler",
+                   total=None if args.data else len(runs) * args.samples)
     if not d.is_main:
         return None
     for it in items:  # string_match_all, or string_match_part for qa

@@ -306,25 +306,24 @@ def task_score(task, predictions, references) -> float:  # as RULER reports it: 
     return round(sum(map(item_score, [task] * len(predictions), predictions, references)) / len(predictions) * 100, 2)
 
 def read_prepared(folder: str, tasks) -> tuple[dict, dict, int | None]:
-    """RULER's own files, folder/<task>/validation.jsonl as its prepare.py writes them (index, input, outputs,
-    length, length_w_model_temp, answer_prefix, token_position_answer): ({task: records, each with the task's
-    budget}, {task: why} for those without a file, the length named by the nearest folder named as a size: RULER's
-    .../synthetic/131072/data). The prompt is sent as RULER wrote it: input + answer_prefix."""
-    found, skipped = {}, {}
+    """RULER's own files, folder/<task>/validation.jsonl as its prepare.py writes them: ({task: its file}, {task:
+    why} for those without a file, the length named by the nearest folder named as a size: RULER's
+    .../synthetic/131072/data). prepared_records reads them."""
     length = next((rope.parse_size(part) for part in reversed(os.path.abspath(folder).split(os.sep))
                    if re.fullmatch(r"[0-9]+[KkMm]?", part)), None)
-    for task in tasks:
-        path = os.path.join(folder, task, "validation.jsonl")
-        if not os.path.isfile(path):
-            skipped[task] = f"has no {path}"
-            continue
-        found[task] = []
-        for line, r in data.read_jsonl(path):
-            outputs = r.get("outputs")
-            if not (isinstance(r.get("input"), str) and isinstance(r.get("answer_prefix", ""), str) and
-                    isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
-                raise UserError(f"{path} line {line}: not a RULER record (a string 'input' and 'answer_prefix', "
-                                f"and 'outputs', a non-empty list of strings)")
-            found[task].append(dict(r, index=r.get("index", line), answer_prefix=r.get("answer_prefix", ""),
-                                    tokens_to_generate=budget(task)))
-    return found, skipped, length
+    paths = {task: os.path.join(folder, task, "validation.jsonl") for task in tasks}
+    skipped = {task: f"has no {path}" for task, path in paths.items() if not os.path.isfile(path)}
+    return {task: path for task, path in paths.items() if task not in skipped}, skipped, length
+
+def prepared_records(task: str, path: str) -> Iterator[dict]:
+    """One record of RULER's file at a time (at 1M tokens, one is megabytes): index, input, outputs, length,
+    length_w_model_temp, answer_prefix, token_position_answer, with the task's budget added. The prompt is sent as
+    RULER wrote it: input + answer_prefix."""
+    for line, r in data.read_jsonl(path):
+        outputs = r.get("outputs")
+        if not (isinstance(r.get("input"), str) and isinstance(r.get("answer_prefix", ""), str) and
+                isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
+            raise UserError(f"{path} line {line}: not a RULER record (a string 'input' and 'answer_prefix', "
+                            f"and 'outputs', a non-empty list of strings)")
+        yield dict(r, index=r.get("index", line), answer_prefix=r.get("answer_prefix", ""),
+                   tokens_to_generate=budget(task))

@@ -394,4 +394,4 @@ def test_rulers_own_files_are_scored_as_ruler_wrote_them(tiny_dir, tok, tmp_path
     assert json.load(open(tmp_path / "one" / "results.json"))["aggregate"]["table"]["2K"]["vt"] == row["vt"]
     write(own / "vt" / "validation.jsonl", [{"input": "x", "outputs": "not a list"}])
     with pytest.raises(rope.UserError, match=r"vt/validation.jsonl line 1: not a RULER record"):
-        ruler.read_prepared(str(own), ["vt"])
+        list(ruler.prepared_records("vt", str(one)))
